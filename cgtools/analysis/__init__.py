@@ -1,0 +1,1 @@
+"""Measurements on sequences: accuracy per grammar level, theory, correlations, ..."""

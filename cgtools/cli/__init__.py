@@ -1,0 +1,1 @@
+"""The `cgtools` command line: one thin typer module per command over one library function."""

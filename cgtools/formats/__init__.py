@@ -1,0 +1,1 @@
+"""File formats: the only place file layouts are defined (DESIGN.md §3)."""
