@@ -43,6 +43,8 @@ def _sorted_unique(rows: np.ndarray) -> np.ndarray:
     """Sorted distinct elements; sorts `rows` in place to avoid a second full-size copy."""
     if rows.size == 0:
         return rows
+    if rows.dtype.kind == "V":  # multi-word keys: no comparison ufuncs for void, np.unique sorts bytes
+        return np.unique(rows)
     rows.sort()
     keep = np.empty(rows.size, dtype=bool)
     keep[0] = True
