@@ -38,8 +38,10 @@ def int_type(n_values: int) -> pa.DataType:
 def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     """[B, k] ints -> fixed-size list array of length-k lists."""
     b, k = values.shape
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1).astype(dtype.to_pandas_dtype()), type=dtype)
-    return pa.FixedSizeListArray.from_arrays(flat, k)
+    flat = np.ascontiguousarray(values, dtype=dtype.to_pandas_dtype()).reshape(-1)
+    # Zero-copy wrap: pa.array() takes a slow element-wise path for typed input and for views.
+    arr = pa.Array.from_buffers(dtype, flat.size, [None, pa.py_buffer(flat)])
+    return pa.FixedSizeListArray.from_arrays(arr, k)
 
 
 class SequencesWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,12 +106,22 @@ def write_dataset(grammar: Grammar, cfg: GenerateConfig, out: str, force: bool, 
         writer = SequencesWriter(sink, length=grammar.length, vocab=grammar.vocab, meta=meta,
                                  latent_widths=widths, n_classes=grammar.n_classes,
                                  perturbed=cfg.perturb_level is not None)
-        try:
-            for batch in batches:
-                writer.write(batch.tokens, batch.latents, batch.perturbed)
-                bar.advance(len(batch.tokens))
-        finally:
-            writer.close()
+        # Write batch i on a second thread while batch i+1 is generated (pyarrow releases the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            try:
+                for batch in batches:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.write, batch.tokens, batch.latents, batch.perturbed)
+                    bar.advance(len(batch.tokens))
+                if pending is not None:
+                    pending.result()
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    wait([pending])
+                writer.close()
     if grammar_out is not None:
         save_grammar(grammar, grammar_out, force, provenance)
     log.debug("wrote %d sentences to %s", cfg.num, out)

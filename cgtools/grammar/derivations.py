@@ -70,15 +70,19 @@ class KeyLayout:
 
     def decode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """keys [B, W] -> (classes [B] int64, digits [B, K] int64)."""
-        n = keys.shape[0]
+        n, m = keys.shape[0], self.synonyms
         digits = np.empty((n, sum(self.groups)), dtype=np.int64)
+        shift = m.bit_length() - 1 if m & (m - 1) == 0 else None  # power of two: shifts, not divisions
         start = 0
         classes = None
         for w, g in enumerate(self.groups):
             acc = keys[:, w].astype(np.int64, copy=True)
             for j in range(start + g - 1, start - 1, -1):
-                digits[:, j] = acc % self.synonyms
-                acc //= self.synonyms
+                if shift is not None:
+                    np.bitwise_and(acc, m - 1, out=digits[:, j])
+                    acc >>= shift
+                else:
+                    acc, digits[:, j] = np.divmod(acc, m)
             if w == 0:
                 classes = acc
             start += g
@@ -98,10 +102,14 @@ def expand(g: Grammar, classes: np.ndarray, digits: np.ndarray) -> list[np.ndarr
     offset = 0
     for level in range(g.depth, 0, -1):
         width = h.shape[1]
-        choice = digits[:, offset:offset + width]
+        entry = h * m + digits[:, offset:offset + width]  # [B, width] row of (symbol, choice)
         offset += width
-        flat_rules = g.rules[level - 1].reshape(-1, s)  # [symbols*m, s]
-        h = flat_rules[h * m + choice].reshape(b, width * s)  # [B, width*s]
+        children = np.empty((b, width, s), dtype=np.int64)
+        for j in range(s):
+            # 1-D gathers per child position are much faster than one 2-D row gather
+            column = np.ascontiguousarray(g.rules[level - 1][:, :, j]).reshape(-1)  # [symbols*m]
+            children[:, :, j] = np.take(column, entry, mode="clip")
+        h = children.reshape(b, width * s)
         nodes[level - 1] = h
     return nodes
 

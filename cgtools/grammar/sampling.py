@@ -49,7 +49,7 @@ def _sorted_unique(rows: np.ndarray) -> np.ndarray:
     keep = np.empty(rows.size, dtype=bool)
     keep[0] = True
     np.not_equal(rows[1:], rows[:-1], out=keep[1:])
-    return rows[keep]
+    return rows if keep.all() else rows[keep]  # repeats are rare: usually no copy
 
 
 def sample_distinct_keys(grammar: Grammar, n: int, seed: int,
@@ -79,26 +79,32 @@ def sample_distinct_keys(grammar: Grammar, n: int, seed: int,
         return pool[:n].reshape(-1, 1)
 
     radices = layout.radices()
-    accepted = _as_rows(np.empty((0, words), dtype=np.int64))
-    while accepted.size < n:
-        need, room = n - accepted.size, available - accepted.size
+    accepted = None
+    while accepted is None or accepted.size < n:
+        have = 0 if accepted is None else accepted.size
+        need, room = n - have, available - have
         if total > 1 << 50:
             draws = need + 16  # repeats are astronomically rare
         else:
             # Draws whose expected number of new allowed keys is `need`, plus a little slack.
             draws = math.log1p(-need / room) / math.log1p(-1 / total)
             draws = int(draws * 1.01) + 64
-        cand = np.empty((draws, words), dtype=np.int64)
-        for w, radix in enumerate(radices):
-            cand[:, w] = rng.integers(0, radix, size=draws, dtype=np.int64)
-        rows = np.concatenate([accepted, _as_rows(cand)])
-        del cand
+        if words == 1:
+            rows = rng.integers(0, radices[0], size=draws, dtype=np.int64)
+        else:
+            cand = np.empty((draws, words), dtype=np.int64)
+            for w, radix in enumerate(radices):
+                cand[:, w] = rng.integers(0, radix, size=draws, dtype=np.int64)
+            rows = _as_rows(cand)
+        if accepted is not None:
+            rows = np.concatenate([accepted, rows])
+        accepted = None
         rows = _sorted_unique(rows)
         if excl is not None:
             rows = rows[~np.isin(rows, excl, assume_unique=True)]
         accepted = rows
     rng.shuffle(accepted)
-    return _from_rows(accepted[:n], words).copy()
+    return _from_rows(accepted[:n], words)
 
 
 @dataclass(frozen=True)
