@@ -20,6 +20,7 @@ def measure_accuracy(
     seqs: Annotated[str, typer.Argument(help="Sequences table ('-' = stdin).", metavar="SEQS")] = "-",
     grammar: GrammarOpt = None,
     train: Annotated[Optional[Path], typer.Option("--train", "-t", help="Training table: report copies (memorized) and novel grammatical samples.", metavar="FILE")] = None,
+    column: Annotated[str, typer.Option("--column", help="List column to measure (e.g. 'perturbed').")] = "tokens",
     json_out: JsonOpt = False,
     batch_size: BatchOpt = 65536,
 ) -> None:
@@ -43,7 +44,7 @@ def measure_accuracy(
     if train is not None:
         train_table = SequencesTable(open_input(train))
         train_tokens = train_table.read_column(length=g.length)
-    report = measure(table.iter_column(batch_size=batch_size), g, train_tokens,
+    report = measure(table.iter_column(column, batch_size=batch_size), g, train_tokens,
                      where=table.source.display())
     if json_out:
         emit_json(report.to_json())
