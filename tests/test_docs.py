@@ -20,7 +20,7 @@ def test_cli_reference_is_current():
 def test_every_command_has_help_and_examples():
     group = typer.main.get_command(app)
     for name, cmd in group.commands.items():
-        assert cmd.help and len(cmd.help.strip()) > 40, name
+        assert cmd.help and len(cmd.help.strip()) > 40 and "Example" in cmd.help, name
         assert f"## cgtools {name}" in (ROOT / "docs" / "cli.md").read_text()
 
 
