@@ -16,6 +16,7 @@ import numpy as np
 from cgtools.errors import InputError
 from cgtools.grammar.parse import Parser
 from cgtools.grammar.rhm import Grammar
+from cgtools.logs import progress
 
 
 @dataclass
@@ -51,8 +52,12 @@ def check_tokens(tokens: np.ndarray, grammar: Grammar, where: str, offset: int =
 
 
 def measure_accuracy(batches: Iterable[np.ndarray], grammar: Grammar,
-                     train: np.ndarray | None = None, where: str = "input") -> AccuracyReport:
-    """Stream token batches [B, d] through the parser; `train` is the training tokens [P, d]."""
+                     train: np.ndarray | None = None, where: str = "input",
+                     total: int | None = None) -> AccuracyReport:
+    """Stream token batches [B, d] through the parser; `train` is the training tokens [P, d].
+
+    `total` (number of rows, if known) only sizes the progress bar.
+    """
     parser = Parser(grammar)
     valid_counts = np.zeros(grammar.depth + 1, dtype=np.int64)
     n = memorized = novel = 0
@@ -61,19 +66,21 @@ def measure_accuracy(batches: Iterable[np.ndarray], grammar: Grammar,
     if train is not None:
         check_tokens(train, grammar, "training set")
         train_keys = np.unique(row_keys(train, grammar.vocab))
-    for tokens in batches:
-        check_tokens(tokens, grammar, where, n)
-        parse = parser.parse(tokens)
-        valid_counts += np.array([v.sum() for v in parse.valid])
-        keys = row_keys(tokens, grammar.vocab)
-        seen.append(keys)
-        if train_keys is not None:
-            copy = np.isin(keys, train_keys)
-            memorized += int(copy.sum())
-            new_valid = parse.grammatical & ~copy
-            novel += int(new_valid.sum())
-            novel_keys.append(keys[new_valid])
-        n += tokens.shape[0]
+    with progress(total, "measure-accuracy") as bar:
+        for tokens in batches:
+            check_tokens(tokens, grammar, where, n)
+            parse = parser.parse(tokens)
+            valid_counts += np.array([v.sum() for v in parse.valid])
+            keys = row_keys(tokens, grammar.vocab)
+            seen.append(keys)
+            if train_keys is not None:
+                copy = np.isin(keys, train_keys)
+                memorized += int(copy.sum())
+                new_valid = parse.grammatical & ~copy
+                novel += int(new_valid.sum())
+                novel_keys.append(keys[new_valid])
+            n += tokens.shape[0]
+            bar.advance(tokens.shape[0])
     if n == 0:
         raise InputError(f"{where}: no sequences")
     distinct = np.unique(np.concatenate(seen)).size / n

@@ -45,7 +45,7 @@ def measure_accuracy(
         train_table = SequencesTable(open_input(train))
         train_tokens = train_table.read_column(length=g.length)
     report = measure(table.iter_column(column, batch_size=batch_size), g, train_tokens,
-                     where=table.source.display())
+                     where=table.source.display(), total=table.num_rows)
     if json_out:
         emit_json(report.to_json())
         return
