@@ -59,3 +59,17 @@ def words_to_below(words: np.ndarray, bound: np.ndarray | int) -> np.ndarray:
     lo = w & np.uint64(0xFFFFFFFF)
     # floor((hi*2^32 + lo) * b / 2^64) = (hi*b + (lo*b >> 32)) >> 32, all products < 2^64.
     return ((hi * b + ((lo * b) >> np.uint64(32))) >> np.uint64(32)).astype(np.int64)
+
+
+def derived_seed(seed: int, purpose: str, *extra: int) -> int:
+    """A 63-bit integer seed for one purpose (e.g. to seed a torch.Generator per training step)."""
+    return int(seed_sequence(seed, purpose, *extra).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def torch_generator(seed: int, purpose: str, *extra: int, device: str = "cpu"):
+    """A torch.Generator on `device` seeded for one purpose (torch is imported lazily)."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derived_seed(seed, purpose, *extra))
+    return gen

@@ -134,6 +134,15 @@ def choices_from_digits(g: Grammar, digits: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def key_rows(keys: np.ndarray) -> np.ndarray:
+    """[B, W] keys -> 1-D array with one comparable element per row (int64, or void for W > 1),
+    usable with np.isin / np.unique / sort. May share memory with `keys`."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    if keys.shape[1] == 1:
+        return keys[:, 0]
+    return keys.view(np.dtype((np.void, 8 * keys.shape[1]))).ravel()
+
+
 def keys_to_index(layout: KeyLayout, keys: np.ndarray) -> list[int]:
     """Exact Python-int derivation indices of keys [B, W] (for tests and small outputs)."""
     radices = layout.radices()

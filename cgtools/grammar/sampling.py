@@ -18,19 +18,11 @@ from typing import Iterator, Literal
 import numpy as np
 
 from cgtools.errors import ConfigError
-from cgtools.grammar.derivations import KeyLayout, expand
+from cgtools.grammar.derivations import KeyLayout, expand, key_rows
 from cgtools.grammar.rhm import Grammar
 from cgtools.seeding import generator, item_words, words_to_below
 
 PerturbMode = Literal["synonym", "resample"]
-
-
-def _as_rows(keys: np.ndarray) -> np.ndarray:
-    """[B, W] int64 -> 1-D array with one comparable element per row (int64, or void for W > 1)."""
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    if keys.shape[1] == 1:
-        return keys[:, 0]
-    return keys.view(np.dtype((np.void, 8 * keys.shape[1]))).ravel()
 
 
 def _from_rows(rows: np.ndarray, words: int) -> np.ndarray:
@@ -61,7 +53,7 @@ def sample_distinct_keys(grammar: Grammar, n: int, seed: int,
     """
     layout = KeyLayout.for_grammar(grammar)
     words, total = layout.words, grammar.n_sentences
-    excl = _sorted_unique(_as_rows(exclude).copy()) if exclude is not None and len(exclude) else None
+    excl = _sorted_unique(key_rows(exclude).copy()) if exclude is not None and len(exclude) else None
     n_excl = 0 if excl is None else excl.size
     available = total - n_excl
     if n > available:
@@ -95,7 +87,7 @@ def sample_distinct_keys(grammar: Grammar, n: int, seed: int,
             cand = np.empty((draws, words), dtype=np.int64)
             for w, radix in enumerate(radices):
                 cand[:, w] = rng.integers(0, radix, size=draws, dtype=np.int64)
-            rows = _as_rows(cand)
+            rows = key_rows(cand)
         if accepted is not None:
             rows = np.concatenate([accepted, rows])
         accepted = None

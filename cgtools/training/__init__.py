@@ -1,0 +1,1 @@
+"""Training diffusion models: data streams, checkpoints, metrics and the training loop."""
