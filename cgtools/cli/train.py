@@ -1,0 +1,107 @@
+"""`cgtools train`: train a discrete diffusion model (the paper's U-Net) on RHM sentences."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cgtools.cli.options import ForceOpt
+from cgtools.errors import InputError
+
+Opt = typer.Option
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar is used for checks and --online).")],
+    val: Annotated[Path, Opt("--val", help="Validation sequences table (disjoint from DATA).", metavar="FILE")],
+    out: Annotated[Path, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
+    preset: Annotated[str, Opt("--preset", help="Defaults: 'cpu' (fast on CPU), 'paper' (the paper's text) or 'reference-code' (the authors' public code). Explicit flags override.")] = "cpu",
+    process: Annotated[str, Opt("--process", help="Noise process: 'uniform' (D3PM) or 'masked' (MD4).")] = "uniform",
+    arch: Annotated[str, Opt("--arch", help="Network: 'unet' (the paper's 1-D U-Net).")] = "unet",
+    width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (paper: 8192).")] = None,
+    steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [default: 10000].")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
+    optimizer: Annotated[Optional[str], Opt("--optimizer", help="'sgd' (momentum) or 'adam'.")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Learning rate in μP units (width-independent).")] = None,
+    momentum: Annotated[Optional[float], Opt("--momentum", help="SGD momentum.")] = None,
+    weight_decay: Annotated[Optional[float], Opt("--weight-decay", help="Weight decay.")] = None,
+    lr_schedule: Annotated[Optional[str], Opt("--lr-schedule", help="'constant', 'cosine' or 'linear' decay to 0.")] = None,
+    decay_start: Annotated[Optional[float], Opt("--decay-start", help="Fraction of the run after which the decay starts.")] = None,
+    warmup: Annotated[Optional[int], Opt("--warmup", min=0, help="Linear warm-up steps.")] = None,
+    ema: Annotated[Optional[float], Opt("--ema", help="Weight-average decay, e.g. 0.999 (0 = off).")] = None,
+    T: Annotated[Optional[int], Opt("--T", min=1, help="Noise levels of the uniform process.")] = None,
+    schedule: Annotated[Optional[str], Opt("--schedule", help="Uniform: linear-beta, linear-alpha, cosine; masked: linear, cosine.")] = None,
+    beta_min: Annotated[Optional[float], Opt("--beta-min", help="First β of the linear-beta schedule.")] = None,
+    beta_max: Annotated[Optional[float], Opt("--beta-max", help="Last β of the linear-beta schedule.")] = None,
+    lambda_ce: Annotated[Optional[float], Opt("--lambda-ce", help="Weight λ of the auxiliary cross-entropy (hybrid loss).")] = None,
+    time_conditioning: Annotated[Optional[bool], Opt("--time-conditioning/--no-time-conditioning", help="Masked: let the network see t.")] = None,
+    time_embedding: Annotated[Optional[bool], Opt("--time-embedding/--no-time-embedding", help="Sinusoidal time embedding as per-block biases.")] = None,
+    skip: Annotated[Optional[str], Opt("--skip", help="Skip connections: 'add' or 'concat'.")] = None,
+    norm: Annotated[Optional[str], Opt("--norm", help="'none' or 'layernorm' in every block.")] = None,
+    input_mode: Annotated[Optional[str], Opt("--input-mode", help="'onehot' or 'leaf_message' (standardised BP leaf message).")] = None,
+    online: Annotated[bool, Opt("--online", help="Fresh sentences from DATA's grammar every step (never one of --val).")] = False,
+    eval_every: Annotated[Optional[int], Opt("--eval-every", min=1, help="Steps between validations [default: 500].")] = None,
+    patience: Annotated[Optional[int], Opt("--patience", min=1, help="Early stopping: validations without improvement.")] = None,
+    sample_check: Annotated[Optional[int], Opt("--sample-check", min=0, help="Samples drawn at each validation to log accuracy and copies [default: 128].")] = None,
+    sample_steps: Annotated[Optional[int], Opt("--sample-steps", min=1, help="Respaced reverse steps for those samples.")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", min=0, help="Seed of the weights, data order and noise.")] = None,
+    device: Annotated[str, Opt("--device", help="'cpu' or 'cuda' (bf16 autocast on CUDA).")] = "cpu",
+    threads: Annotated[Optional[int], Opt("--threads", min=1, help="CPU threads (default: torch's).")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train a diffusion model on RHM sentences (offline on DATA, or --online).
+
+    RUN_DIR receives model.safetensors (best validation loss), last.safetensors (for --resume),
+    checkpoints/step_*.safetensors (log-spaced) and metrics.parquet (step, losses, bound in
+    bits/token, and the accuracy / copies of a small batch of samples at each validation).
+    Runs under torchrun for several processes (DDP; gloo on CPU, NCCL on GPU).
+
+    Examples:
+
+      cgtools train train.parquet --val val.parquet -o run --steps 8000
+
+      cgtools train train.parquet --val val.parquet -o run --preset paper --width 256
+
+      torchrun --nproc-per-node 2 -m cgtools train train.parquet --val val.parquet -o run
+    """
+    import torch
+
+    from cgtools.formats.files import open_input
+    from cgtools.formats.metadata import provenance
+    from cgtools.formats.sequences import SequencesTable
+    from cgtools.training.config import resolve_configs
+    from cgtools.training.loop import train as run_training
+
+    if arch != "unet":
+        raise typer.BadParameter("only 'unet' is available", param_hint="--arch")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    if threads:
+        torch.set_num_threads(threads)
+    sources = [open_input(data), open_input(val)]
+    table, val_table = (SequencesTable(s) for s in sources)
+    grammar = table.grammar()
+    if grammar is None:
+        raise InputError(f"{data} carries no grammar (train on an rhm-gen table)")
+    other = val_table.grammar()
+    if other is not None and not other.same_rules(grammar):
+        raise InputError(f"{val} was drawn from a different grammar than {data}")
+    model_cfg, proc_cfg, train_cfg = resolve_configs(
+        preset, process, grammar.vocab, grammar.depth, grammar.branching,
+        {"T": T, "schedule": schedule, "beta_min": beta_min, "beta_max": beta_max,
+         "lambda_ce": lambda_ce, "time_conditioning": time_conditioning},
+        {"width": width, "time_embedding": time_embedding, "skip": skip, "norm": norm,
+         "input_mode": input_mode},
+        {"steps": steps, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+         "momentum": momentum, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+         "decay_start": decay_start, "warmup": warmup, "ema": ema, "eval_every": eval_every,
+         "patience": patience, "sample_check": sample_check, "sample_steps": sample_steps,
+         "seed": seed, "online": online or None})
+    run_training(model_cfg, proc_cfg, train_cfg, out,
+                 train_tokens=table.read_column(length=grammar.length),
+                 val_tokens=val_table.read_column(length=grammar.length), grammar=grammar,
+                 provenance=provenance("train", train_cfg.seed, sources), device=device,
+                 resume=resume, force=force)

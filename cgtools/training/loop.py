@@ -1,0 +1,339 @@
+"""The training loop: SGD/Adam with μP learning rates, validation, early stopping, checkpoints,
+exact resume, and multi-process training under torchrun.
+
+Everything random at step k (the batch, the noise levels, the noise) is drawn from generators
+seeded by (seed, k), so a resumed run repeats exactly what the uninterrupted run would have done,
+and every DDP process can rebuild the global batch and keep its own slice (the averaged gradient
+then equals the single-process gradient of the whole batch).
+
+RUN_DIR layout: model.safetensors (the best model by validation loss), last.safetensors (the
+latest state, with optimizer state: what --resume reads), checkpoints/step_XXXXXXXX.safetensors
+(log-spaced over training), metrics.parquet (one row per validation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgtools.analysis.accuracy import measure_accuracy
+from cgtools.diffusion import sample as diffusion_sample
+from cgtools.errors import ConfigError, OutputError
+from cgtools.grammar.rhm import Grammar
+from cgtools.logs import progress
+from cgtools.models.mup import param_groups
+from cgtools.seeding import torch_generator
+from cgtools.training.checkpoint import Checkpoint, save_checkpoint
+from cgtools.training.config import TrainConfig
+from cgtools.training.data import OfflineData, OnlineData, rank_slice
+from cgtools.training.metrics import read_metrics, write_metrics
+from cgtools.training.trained import DiffusionModel, build_model
+from cgtools.formats.files import InputFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    best_step: int | None
+    best_val_loss: float | None
+    stopped_early: bool
+    metrics: list[dict]
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def log_spaced_steps(total: int, per_decade: int) -> set[int]:
+    """Steps (1-based counts) at which to keep a checkpoint: ~per_decade per factor of 10, plus the end."""
+    out = {total}
+    k = 0
+    while True:
+        step = int(round(10 ** (k / per_decade)))
+        if step > total:
+            return out
+        out.add(step)
+        k += 1
+
+
+class Trainer:
+    """One training run. Build it, then call :meth:`run`."""
+
+    def __init__(self, model: DiffusionModel, cfg: TrainConfig, run_dir: Path, *,
+                 train_tokens: np.ndarray | None, val_tokens: np.ndarray, grammar: Grammar | None,
+                 meta: dict, device: str = "cpu", dist: Distributed = Distributed()) -> None:
+        self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
+        self.grammar, self.meta, self.device, self.dist = grammar, meta, device, dist
+        if cfg.batch_size % dist.world:
+            raise ConfigError(f"batch size {cfg.batch_size} does not divide among {dist.world} processes")
+        if cfg.online:
+            if grammar is None:
+                raise ConfigError("--online needs a grammar to draw fresh sentences from")
+            self.data = OnlineData(grammar, cfg.batch_size, cfg.seed, exclude=val_tokens)
+        else:
+            if train_tokens is None or not len(train_tokens):
+                raise ConfigError("no training sentences")
+            self.data = OfflineData(train_tokens, cfg.batch_size, cfg.seed)
+        self.train_tokens = train_tokens
+        self.val = torch.as_tensor(np.asarray(val_tokens, dtype=np.int64), device=device)
+        net = model.network
+        self.groups = param_groups(net, cfg.lr, cfg.optimizer, scheme=cfg.lr_scheme)
+        for g in self.groups:
+            g["base_lr"] = g["lr"]
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.groups, lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ddp = None
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
+        self.ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.ema else None
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.rows: list[dict] = []
+        self.keep = log_spaced_steps(cfg.steps, cfg.checkpoints_per_decade)
+        self.elapsed = 0.0
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _meta(self, **extra) -> dict:
+        return {**self.meta, "step": self.step, "best_val_loss": self.best_val,
+                "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "seconds": self.elapsed, **extra}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return self.ema if self.ema is not None else self.model.network.state_dict()
+
+    def resume(self) -> None:
+        """Load RUN_DIR/last.safetensors; the run continues exactly where it stopped."""
+        path = self.run_dir / "last.safetensors"
+        if not path.exists():
+            raise ConfigError(f"{self.run_dir}: nothing to resume (no last.safetensors)")
+        ckpt = Checkpoint(InputFile(str(path), None))
+        for key in ("model", "process", "grammar"):
+            if ckpt.meta.get(key) != self.meta.get(key):
+                raise ConfigError(f"{self.run_dir} was trained with a different {key} config; "
+                                  f"start a new run directory or repeat the original flags")
+        if _trajectory(ckpt.meta.get("train", {})) != _trajectory(self.meta["train"]):
+            raise ConfigError(f"{self.run_dir} was trained with different training settings; only "
+                              f"--steps (with a constant lr), --patience and evaluation settings may change")
+        self.model.network.load_state_dict(ckpt.model)
+        state = ckpt.optimizer_state()
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        if self.ema is not None and ckpt.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in ckpt.ema.items()}
+        m = ckpt.meta
+        self.step, self.best_val, self.best_step = m["step"], m.get("best_val_loss"), m.get("best_step")
+        self.bad_evals, self.elapsed = m.get("bad_evals", 0), m.get("seconds", 0.0)
+        self.rows = [r for r in read_metrics(self.run_dir / "metrics.parquet") if r["step"] <= self.step]
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def _save_last(self) -> None:
+        if self.dist.main:
+            save_checkpoint(self.run_dir / "last.safetensors", self.model.network.state_dict(),
+                            self._meta(), optimizer=self.optimizer.state_dict(), ema=self.ema)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _train_step(self) -> float:
+        cfg, proc, dist = self.cfg, self.model.process, self.dist
+        x0 = self.data.batch(self.step).to(self.device)  # [B, d] global batch
+        gen = torch_generator(cfg.seed, "noise", self.step)
+        t = proc.sample_t(cfg.batch_size, gen)
+        x_t = proc.q_sample(x0, t, gen)
+        x0, x_t, t = (rank_slice(v, dist.rank, dist.world) for v in (x0, x_t, t))
+        factor = cfg.lr_factor(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        net = self.ddp if self.ddp is not None else self.model.network
+        keep = (1 - proc.corruption(t)).float() if self.model.network.config.input_mode == "leaf_message" else None
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
+                    else nullcontext())
+        with autocast:
+            logits = net(x_t, proc.network_time(t), keep_prob=keep)
+        terms = proc.loss(logits.float(), x0, x_t, t)
+        loss = terms.loss.mean()
+        if not torch.isfinite(loss):
+            raise ConfigError(f"training diverged at step {self.step} (loss {loss.item()}); "
+                              f"lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.model.network.state_dict().items():
+                    self.ema[k].lerp_(v, 1 - cfg.ema) if v.is_floating_point() else self.ema[k].copy_(v)
+        self.step += 1
+        return float(loss.detach())
+
+    # ---- validation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss / ELBO (fixed noise draws, same at every validation) and a sample check."""
+        cfg, proc = self.cfg, self.model.process
+        net = self.model.network
+        backup = None
+        if self.ema is not None:
+            backup = {k: v.clone() for k, v in net.state_dict().items()}
+            net.load_state_dict(self.ema)
+        net.eval()
+        gen = torch_generator(cfg.seed, "validation", device="cpu")
+        losses, elbos = [], []
+        for _ in range(cfg.val_repeats):
+            for lo in range(0, len(self.val), 1024):
+                x0 = self.val[lo:lo + 1024]
+                t = proc.sample_t(len(x0), gen)
+                x_t = proc.q_sample(x0, t, gen)
+                terms = proc.loss(self.model.logits(x_t, t).float(), x0, x_t, t)
+                losses.append(terms.loss)
+                elbos.append(terms.elbo_bits)
+        row = {"val_loss": float(torch.cat(losses).mean()), "val_elbo_bits": float(torch.cat(elbos).mean())}
+        if cfg.sample_check and self.grammar is not None:
+            gen = torch_generator(cfg.seed, "sample-check", device="cpu")
+            samples = diffusion_sample(proc, self.model.denoiser(), cfg.sample_check, self.grammar.length,
+                                       gen, steps=cfg.sample_steps, device=self.device,
+                                       description="sample check")
+            report = measure_accuracy([samples.cpu().numpy()], self.grammar,
+                                      train=None if cfg.online else self.train_tokens)
+            row["sample_accuracy"] = report.accuracy
+            row["sample_memorized"] = report.memorized
+            row["sample_novel_valid"] = report.novel_valid
+        if backup is not None:
+            net.load_state_dict(backup)
+        net.train()
+        return row
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """Train until cfg.steps, early stopping, or `stop_after` steps in this call (tests)."""
+        cfg = self.cfg
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.model.network.train()
+        stopped_early = False
+        window: list[float] = []
+        start_step, t0 = self.step, time.perf_counter() - self.elapsed
+        with progress(cfg.steps, "train") as bar:
+            bar.advance(self.step)
+            try:
+                while self.step < cfg.steps:
+                    if stop_after is not None and self.step - start_step >= stop_after:
+                        break
+                    window.append(self._train_step())
+                    bar.advance()
+                    self.elapsed = time.perf_counter() - t0
+                    if self.step in self.keep and self.dist.main:
+                        save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:08d}.safetensors",
+                                        self._weights(), self._meta())
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        row = {"step": self.step, "examples": self.step * cfg.batch_size,
+                               "train_loss": float(np.mean(window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
+                               "seconds": self.elapsed, **self.evaluate()}
+                        window = []
+                        self.rows.append(row)
+                        bar.update(loss=row["train_loss"], val=row["val_loss"])
+                        log.info("step %d  train %.4f  val %.4f  elbo %.3f bits/token%s", self.step,
+                                 row["train_loss"], row["val_loss"], row["val_elbo_bits"],
+                                 "" if "sample_accuracy" not in row else
+                                 f"  grammatical {row['sample_accuracy'][-1]:.3f}")
+                        if self.best_val is None or row["val_loss"] < self.best_val:
+                            self.best_val, self.best_step, self.bad_evals = row["val_loss"], self.step, 0
+                            if self.dist.main:
+                                save_checkpoint(self.run_dir / "model.safetensors", self._weights(), self._meta())
+                        else:
+                            self.bad_evals += 1
+                        if self.dist.main:
+                            write_metrics(self.run_dir / "metrics.parquet", self.rows, self.meta.get("provenance", {}))
+                        self._save_last()
+                        if cfg.patience is not None and self.bad_evals >= cfg.patience:
+                            stopped_early = True
+                            log.info("early stopping at step %d (best %d)", self.step, self.best_step)
+                            break
+            except KeyboardInterrupt:
+                self._save_last()  # resume from here with --resume
+                raise
+        if stop_after is not None:
+            self._save_last()
+        return TrainResult(self.step, self.best_step, self.best_val, stopped_early, self.rows)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to clobber an existing run unless --force (or --resume to continue it)."""
+    if resume:
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise OutputError(f"{run_dir} is not empty; use --resume to continue that run or --force to overwrite it")
+        for name in ("model.safetensors", "last.safetensors", "metrics.parquet"):
+            (run_dir / name).unlink(missing_ok=True)
+        for p in (run_dir / "checkpoints").glob("step_*.safetensors"):
+            p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(model_cfg, process_cfg, cfg: TrainConfig, run_dir: str | Path, *, train_tokens: np.ndarray | None,
+          val_tokens: np.ndarray, grammar: Grammar | None, provenance: dict, device: str = "cpu",
+          resume: bool = False, force: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train a diffusion model and write RUN_DIR (see the module docstring)."""
+    run_dir = Path(run_dir)
+    dist = init_distributed(device)
+    if dist.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
+    if dist.main:
+        prepare_run_dir(run_dir, resume, force)
+    meta = {"model": json.loads(model_cfg.to_json()), "process": json.loads(process_cfg.to_json()),
+            "train": cfg.to_dict(), "grammar": None if grammar is None else grammar.to_json(),
+            "provenance": provenance}
+    model = build_model(model_cfg, process_cfg, seed=cfg.seed, device=device, grammar=grammar, meta=meta)
+    trainer = Trainer(model, cfg, run_dir, train_tokens=train_tokens, val_tokens=val_tokens,
+                      grammar=grammar, meta=meta, device=device, dist=dist)
+    if resume:
+        trainer.resume()
+    result = trainer.run(stop_after=stop_after)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return result
+
+
+def _trajectory(train: dict) -> dict:
+    """The training settings that change what the weights become (resume must keep them)."""
+    free = {"patience", "eval_every", "sample_check", "sample_steps", "checkpoints_per_decade",
+            "val_repeats"}
+    if train.get("lr_schedule", "constant") == "constant":
+        free.add("steps")
+    return {k: v for k, v in train.items() if k not in free}
