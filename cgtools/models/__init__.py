@@ -1,0 +1,14 @@
+"""Neural networks: the paper's RHM U-Net and its μP parameterisation (docs/unet.md)."""
+
+from cgtools.models.mup import ParamInfo, param_groups, raw_learning_rates
+from cgtools.models.unet import (
+    PAPER_WIDTH,
+    UNet,
+    UNetConfig,
+    flops_forward,
+    flops_per_step,
+    reference_leaf_standardisation,
+)
+
+__all__ = ["PAPER_WIDTH", "ParamInfo", "UNet", "UNetConfig", "flops_forward", "flops_per_step",
+           "param_groups", "raw_learning_rates", "reference_leaf_standardisation"]
