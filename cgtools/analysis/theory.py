@@ -8,17 +8,27 @@ f = m / v^(s-1) is the fraction of s-tuples that are productions of some symbol.
   l = 2..L. Also given: the finite-v value of the recursion Eq. (18) started from Eq. (11).
 * Sampling noise of an empirical correlation from P sentences: (v^2 m P)^(-1/2); equating it with
   C^(l) gives back P_l.
+* Optionally, the mean-field theory of the forward-backward phase transition on a noise grid
+  (cgtools.analysis.mean_field).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+from cgtools.analysis.mean_field import mean_field
 from cgtools.grammar.rhm import check_parameters
 
 
-def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None = None) -> dict:
-    """All predictions as a JSON-ready dict (None where a quantity is infinite or undefined)."""
+def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None = None,
+           noise_grid: Sequence[float] | None = None, process: str = "uniform") -> dict:
+    """All predictions as a JSON-ready dict (None where a quantity is infinite or undefined).
+
+    With `noise_grid`, the entry "mean_field" holds the mean-field prediction of the
+    forward-backward experiment on those noise levels for the noise `process` ("uniform" or
+    "masked"; cgtools.analysis.mean_field.mean_field).
+    """
     L, s, v, m = depth, branching, vocab, synonyms
     n = v if n_classes is None else n_classes
     check_parameters(L, s, v, m, n)
@@ -39,7 +49,7 @@ def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int
     for _ in corr_levels:
         finite.append(math.sqrt(c2))
         c2 *= ratio
-    return {
+    out = {
         "depth": L, "branching": s, "vocab": v, "synonyms": m, "n_classes": n,
         "length": d,
         "n_sentences": n_sentences,
@@ -52,6 +62,9 @@ def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int
         "correlation": asymptotic,
         "correlation_finite_v": finite,
     }
+    if noise_grid is not None:
+        out["mean_field"] = mean_field(L, s, v, m, n, noise_grid, process)
+    return out
 
 
 def noise_floor(vocab: int, synonyms: int, n: float) -> float:

@@ -83,13 +83,14 @@ def _root(
 
 def _register() -> None:
     # Each module holds one command; import here so `cgtools --help` stays fast (no torch).
-    from cgtools.cli import measure_accuracy, rhm_gen, sample, theory, train
+    from cgtools.cli import forward_backward, measure_accuracy, rhm_gen, sample, theory, train
 
     app.command("rhm-gen")(rhm_gen.rhm_gen)
     app.command("measure-accuracy")(measure_accuracy.measure_accuracy)
     app.command("theory")(theory.theory)
     app.command("train")(train.train)
     app.command("sample")(sample.sample)
+    app.command("forward-backward")(forward_backward.forward_backward)
 
 
 _register()

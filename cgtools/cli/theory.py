@@ -17,6 +17,8 @@ def theory(
     vocab: Annotated[int, typer.Option("--vocab", "-v", min=1, help="Vocabulary size v.")],
     synonyms: Annotated[int, typer.Option("--synonyms", "-m", min=1, help="Synonyms m.")],
     n_classes: Annotated[Optional[int], typer.Option("--n-classes", min=1, help="Root symbols (default v).")] = None,
+    noise_grid: Annotated[Optional[str], typer.Option("--noise-grid", help="Also give the mean-field forward-backward prediction (changed fraction per level) on these noise levels: E, E1,E2,... or START:STOP:COUNT.", metavar="SPEC")] = None,
+    process: Annotated[str, typer.Option("--process", help="Noise process of the mean-field prediction: 'uniform' or 'masked'.")] = "uniform",
     json_out: JsonOpt = False,
 ) -> None:
     """Sizes, sample complexities P_l and correlation magnitudes predicted by the paper.
@@ -25,11 +27,24 @@ def theory(
     (Eq. 6); the predicted sample complexity is P* = P_L. C^(l) is the magnitude of token-latent
     tuple correlations with lowest common ancestor at level l (Eq. 3, 5, 19).
 
-    Example:
+    With --noise-grid, also the mean-field theory of the forward-backward phase transition (JSON
+    key "mean_field"): for each noise level E the predicted fraction of changed nodes at levels
+    0 … L, the root's kept probability, the L → ∞ critical noise and this depth's midpoint.
+
+    Examples:
 
       cgtools theory -L 3 -s 2 -v 8 -m 2
+
+      cgtools theory -L 4 -s 2 -v 32 -m 4 --noise-grid 0:1:11 --json
     """
-    t = predict(depth, branching, vocab, synonyms, n_classes)
+    if process not in ("uniform", "masked"):
+        raise typer.BadParameter("must be 'uniform' or 'masked'", param_hint="--process")
+    grid = None
+    if noise_grid is not None:
+        from cgtools.analysis.mean_field import noise_grid as parse_grid
+
+        grid = parse_grid(noise_grid)
+    t = predict(depth, branching, vocab, synonyms, n_classes, grid, process)
     if json_out:
         emit_json(t)
         return
@@ -46,3 +61,11 @@ def theory(
         emit_table([(str(lv), fmt(c), fmt(cf)) for lv, c, cf in zip(
             t["correlation_levels"], t["correlation"], t["correlation_finite_v"])],
             ("level l", "C^(l) (v,m large)", "C^(l) (Eq. 18, finite v)"))
+    if grid is not None:
+        mf = t["mean_field"]
+        print()
+        emit_table([("E_c (L -> inf)", fmt(mf["critical_noise"])),
+                    ("root midpoint (this L)", fmt(mf["transition_noise"]))], ("mean field", "noise"))
+        print()
+        emit_table([(fmt(e, 3),) + tuple(fmt(c) for c in row) for e, row in zip(mf["noise"], mf["changed"])],
+                   ("noise",) + tuple(f"changed_{lv}" for lv in range(depth + 1)))

@@ -1,0 +1,329 @@
+"""The forward-backward experiment: noise clean sentences, denoise them exactly, compare trees.
+
+For every clean sentence x0 (with its parse tree) and every noise level E: draw x_t from the
+forward process (uniform: each token redrawn uniformly with probability E; masked: masked with
+probability E), draw x̂0 from the posterior p(x0 | x_t) (exact BP, or a trained model), and compare
+the two trees level by level.
+
+Measured per noise level:
+* changed[l], l = 0..L: fraction of level-l nodes whose symbol differs between the trees of x0
+  and x̂0 (level 0 = tokens, level L = the root class). With a trained model, x̂0 is parsed;
+  latents of an ungrammatical x̂0 that have no valid parse count as changed.
+* root_kept = 1 - changed[L].
+* changed_expected[l] (BP only): 1 - the mean posterior probability of the clean symbol. It has
+  the same expectation as changed[l] (an exact posterior sample keeps a node with probability
+  equal to its marginal at the clean symbol) and much less variance.
+* dynamical correlations of the token-change indicators c_i = [x̂0_i != x0_i]: with
+  μ_i = <c_i> and M_ij = <c_i c_j> averaged over sentences (and noise draws),
+  C(r) = mean over i of (M_{i,i+r} - μ_i μ_{i+r}), r = 0..d-1 ("covariance", the default), or the
+  same mean of the Pearson correlations (M_{i,i+r} - μ_i μ_{i+r}) / (σ_i σ_{i+r}) ("pearson";
+  pairs with a constant indicator contribute 0). The susceptibility (correlation volume) is
+  χ = Σ_{r=1}^{d-1} C(r); C(0) (the mean variance) is reported in the curve, not in χ.
+
+Denoisers: exact BP by default (:class:`BPSampler`). A trained model plugs in through
+:func:`tokens_sampler`, which wraps any (x_t, E, generator) -> x̂0 [B, d] function (e.g. the
+reverse process of cgtools.diffusion started at the level whose corruption is E); its outputs are
+parsed and latents without a valid parse count as changed.
+
+Randomness: one torch generator per (seed, noise value, chunk of sentences), so a noise level
+gives the same draws whatever other levels the sweep holds; chunk size depends only on d.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cgtools.errors import ConfigError, InputError
+from cgtools.formats import metadata
+from cgtools.formats.files import atomic_output
+from cgtools.grammar.parse import Parser
+from cgtools.grammar.rhm import Grammar
+from cgtools.inference.bp import BeliefPropagation, Process, check_process, noise_tokens
+from cgtools.logs import progress
+from cgtools.seeding import torch_generator
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "forward-backward/1"
+CorrelationMode = Literal["covariance", "pearson", "none"]
+CORRELATION_MODES: tuple[str, ...] = ("covariance", "pearson", "none")
+# Correlations keep a d x d matrix of pair counts; beyond this length they need too much memory.
+MAX_CORRELATION_LENGTH = 4096
+
+
+@dataclass
+class Denoised:
+    """A denoiser's answer for a chunk: sampled trees and, optionally, clean-symbol probabilities.
+
+    nodes[l]: int64 [B, w_l] symbols of the denoised tree (-1 where a latent has no valid parse).
+    kept_probability[l]: float [B, w_l] posterior probability of the *clean* symbol (or None).
+    """
+
+    nodes: list[np.ndarray]
+    kept_probability: list[np.ndarray] | None = None
+
+
+class PosteriorSampler(Protocol):
+    """Draws x̂0 ~ p(x0 | x_t). `clean` holds the clean trees (for kept probabilities only)."""
+
+    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+                 clean: list[np.ndarray]) -> Denoised: ...
+
+
+class BPSampler:
+    """Exact posterior sampling by belief propagation (the perfect denoiser)."""
+
+    def __init__(self, grammar: Grammar, process: Process, expected: bool = True) -> None:
+        self.grammar = grammar
+        self.process = process
+        self.expected = expected
+        self.bp = BeliefPropagation(grammar, torch.float32)
+
+    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+                 clean: list[np.ndarray]) -> Denoised:
+        beliefs = self.bp.infer(x_t, noise, self.process, downward=self.expected)
+        nodes = [n.numpy() for n in self.bp.sample(beliefs, generator)]
+        kept = None
+        if self.expected:
+            kept = []
+            for level in range(self.grammar.depth + 1):
+                prob = beliefs.probability(level, torch.from_numpy(clean[level]))  # [B, w]
+                kept.append(prob.to(torch.float64).numpy())
+        return Denoised(nodes, kept)
+
+
+def tokens_sampler(grammar: Grammar,
+                   denoise: Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]) -> PosteriorSampler:
+    """Wrap a token-level denoiser (x_t, E, generator) -> x̂0 [B, d] (e.g. a trained model's
+    forward-backward sampler) into a PosteriorSampler: x̂0 is parsed, invalid latents are -1."""
+    parser = Parser(grammar)
+
+    def sampler(x_t: torch.Tensor, noise: float, generator: torch.Generator,
+                clean: list[np.ndarray]) -> Denoised:
+        tokens = denoise(x_t, noise, generator).numpy()
+        return Denoised(parser.parse(tokens).symbols)
+
+    return sampler
+
+
+@dataclass
+class NoiseResult:
+    """Forward-backward statistics at one noise level (definitions in the module docstring)."""
+
+    noise: float
+    process: str
+    n: int  # number of (sentence, noise draw) pairs
+    changed: list[float]  # l = 0..L
+    root_kept: float
+    grammatical: float  # fraction of denoised sentences that are grammatical
+    changed_expected: list[float] | None = None
+    root_kept_expected: float | None = None
+    correlation_mode: str = "covariance"
+    distance: list[int] = field(default_factory=list)
+    correlation: list[float] = field(default_factory=list)
+    susceptibility: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _Accumulator:
+    """Running sums for one noise level."""
+
+    def __init__(self, grammar: Grammar, correlation: str) -> None:
+        self.g = grammar
+        self.n = 0
+        self.changed = np.zeros(grammar.depth + 1)
+        self.kept = np.zeros(grammar.depth + 1)
+        self.has_kept = True
+        self.grammatical = 0
+        d = grammar.length
+        self.corr = correlation != "none"
+        self.s1 = np.zeros(d)
+        self.s2 = np.zeros((d, d)) if self.corr else None
+
+    def add(self, clean: list[np.ndarray], out: Denoised) -> None:
+        b = clean[0].shape[0]
+        self.n += b
+        for level in range(self.g.depth + 1):
+            self.changed[level] += (out.nodes[level] != clean[level]).mean(axis=1).sum()
+        self.grammatical += int((out.nodes[self.g.depth][:, 0] >= 0).sum())
+        if out.kept_probability is None:
+            self.has_kept = False
+        elif self.has_kept:
+            for level in range(self.g.depth + 1):
+                self.kept[level] += out.kept_probability[level].mean(axis=1).sum()
+        c = torch.from_numpy((out.nodes[0] != clean[0]).astype(np.float64))  # [B, d] change indicators
+        self.s1 += c.sum(0).numpy()
+        if self.corr:
+            self.s2 += (c.T @ c).numpy()  # torch: honours the caller's thread setting
+
+    def result(self, noise: float, process: str, mode: str) -> NoiseResult:
+        n = max(self.n, 1)
+        changed = (self.changed / n).tolist()
+        res = NoiseResult(noise=noise, process=process, n=self.n, changed=changed,
+                          root_kept=1.0 - changed[-1], grammatical=self.grammatical / n,
+                          correlation_mode=mode)
+        if self.has_kept:
+            res.changed_expected = (1.0 - self.kept / n).tolist()
+            res.root_kept_expected = float(self.kept[-1] / n)
+        if self.corr:
+            dist, corr = change_correlation(self.s1 / n, self.s2 / n, pearson=mode == "pearson")
+            res.distance = dist.tolist()
+            res.correlation = corr.tolist()
+            res.susceptibility = float(corr[1:].sum())
+        return res
+
+
+def change_correlation(mean: np.ndarray, second: np.ndarray, pearson: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """C(r), r = 0..d-1, from μ_i = <c_i> [d] and M_ij = <c_i c_j> [d, d] (see module docstring)."""
+    d = mean.shape[0]
+    cov = second - np.outer(mean, mean)  # [d, d]
+    if pearson:
+        sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        denom = np.outer(sd, sd)
+        cov = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 1e-300)
+    corr = np.array([np.diagonal(cov, offset=r).mean() for r in range(d)])
+    return np.arange(d), corr
+
+
+def chunk_rows(grammar: Grammar) -> int:
+    """Sentences per chunk: bounded memory for any depth, independent of user flags."""
+    return max(16, 65536 // grammar.length)
+
+
+def _generator(seed: int, noise: float, chunk: int) -> torch.Generator:
+    # keyed by the noise *value*, so a level's draws do not depend on the rest of the sweep
+    return torch_generator(seed, "forward-backward", int(round(noise * (1 << 32))), chunk)
+
+
+def check_noises(noises: Iterable[float]) -> list[float]:
+    out = [float(e) for e in noises]
+    if not out:
+        raise ConfigError("give at least one noise level")
+    for e in out:
+        if not (0.0 <= e <= 1.0) or math.isnan(e):
+            raise ConfigError(f"noise levels must lie in [0, 1], got {e}")
+    return out
+
+
+def forward_backward(grammar: Grammar, batches: Iterable[np.ndarray], noises: Iterable[float],
+                     process: Process = "uniform", *, seed: int = 0, repeats: int = 1,
+                     correlation: CorrelationMode = "covariance",
+                     sampler: PosteriorSampler | None = None, total: int | None = None,
+                     where: str = "input") -> list[NoiseResult]:
+    """Run the experiment on clean sentences (token batches [B, d]) at every noise level.
+
+    Each sentence is noised `repeats` times per level (independent draws). `sampler` defaults to
+    exact BP. Returns one NoiseResult per noise level, in the given order. Raises InputError if
+    a sentence is not grammatical (its latent tree is needed).
+    """
+    check_process(process)
+    noises = check_noises(noises)
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    if correlation not in CORRELATION_MODES:
+        raise ConfigError(f"unknown correlation mode {correlation!r}; expected one of "
+                          f"{', '.join(CORRELATION_MODES)}")
+    if correlation != "none" and grammar.length > MAX_CORRELATION_LENGTH:
+        raise ConfigError(f"change correlations need d <= {MAX_CORRELATION_LENGTH} (d = "
+                          f"{grammar.length}); use --correlation none")
+    sampler = sampler if sampler is not None else BPSampler(grammar, process)
+    parser = Parser(grammar)
+    accs = [_Accumulator(grammar, correlation) for _ in noises]
+    rows = chunk_rows(grammar)
+    chunk = 0
+    offset = 0
+    work = None if total is None else total * len(noises) * repeats
+    with progress(work, "forward-backward") as bar:
+        for tokens in _rechunk(batches, rows):
+            clean = _clean_trees(parser, tokens, grammar, where, offset)
+            clean_rep = [np.tile(c, (repeats, 1)) for c in clean]
+            x0 = torch.from_numpy(clean_rep[0])
+            for acc, noise in zip(accs, noises):
+                gen = _generator(seed, noise, chunk)
+                x_t = noise_tokens(x0, noise, process, grammar.vocab, gen)
+                acc.add(clean_rep, sampler(x_t, noise, gen, clean_rep))
+                bar.advance(x0.shape[0])
+            chunk += 1
+            offset += tokens.shape[0]
+    if offset == 0:
+        raise InputError(f"{where}: no sentences")
+    log.debug("forward-backward: %d sentences x %d draws at %d noise levels", offset, repeats, len(noises))
+    return [acc.result(noise, process, correlation) for acc, noise in zip(accs, noises)]
+
+
+def _clean_trees(parser: Parser, tokens: np.ndarray, grammar: Grammar, where: str,
+                 offset: int) -> list[np.ndarray]:
+    """Parse trees (nodes[l] [B, w_l], l = 0..L) of clean sentences; InputError if any is invalid."""
+    if tokens.ndim != 2 or tokens.shape[1] != grammar.length:
+        raise InputError(f"{where}: sequences have length {tokens.shape[-1]}, the grammar needs "
+                         f"d = {grammar.length}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= grammar.vocab):
+        raise InputError(f"{where}: tokens outside the vocabulary [0, {grammar.vocab})")
+    parse = parser.parse(tokens)
+    ok = parse.grammatical
+    if not ok.all():
+        row = offset + int(np.flatnonzero(~ok)[0])
+        raise InputError(f"{where}: sentence {row} is not grammatical under this grammar; "
+                         f"forward-backward needs clean sentences (their latent trees)")
+    return parse.symbols
+
+
+def _rechunk(batches: Iterable[np.ndarray], rows: int) -> Iterable[np.ndarray]:
+    """Re-cut a stream of [B, d] batches into chunks of exactly `rows` rows (last one shorter)."""
+    buf: list[np.ndarray] = []
+    held = 0
+    for batch in batches:
+        batch = np.asarray(batch, dtype=np.int64)
+        while batch.shape[0]:
+            take = min(rows - held, batch.shape[0])
+            buf.append(batch[:take])
+            held += take
+            batch = batch[take:]
+            if held == rows:
+                yield np.concatenate(buf)
+                buf, held = [], 0
+    if held:
+        yield np.concatenate(buf)
+
+
+def results_table(results: list[NoiseResult], grammar: Grammar, meta: dict) -> pa.Table:
+    """One row per noise level. List columns `changed`, `changed_expected` (levels 0..L),
+    `distance`, `correlation`; scalar copies `changed_<l>` for plotting; cgtools metadata."""
+    depth = grammar.depth
+    cols: dict[str, pa.Array] = {
+        "noise": pa.array([r.noise for r in results], pa.float64()),
+        "process": pa.array([r.process for r in results], pa.string()),
+        "n": pa.array([r.n for r in results], pa.int64()),
+        "changed": pa.array([r.changed for r in results], pa.list_(pa.float64())),
+        "changed_expected": pa.array([r.changed_expected for r in results], pa.list_(pa.float64())),
+        "root_kept": pa.array([r.root_kept for r in results], pa.float64()),
+        "root_kept_expected": pa.array([r.root_kept_expected for r in results], pa.float64()),
+        "grammatical": pa.array([r.grammatical for r in results], pa.float64()),
+        "susceptibility": pa.array([r.susceptibility for r in results], pa.float64()),
+        "distance": pa.array([r.distance for r in results], pa.list_(pa.int32())),
+        "correlation": pa.array([r.correlation for r in results], pa.list_(pa.float64())),
+    }
+    for level in range(depth + 1):
+        cols[f"changed_{level}"] = pa.array([r.changed[level] for r in results], pa.float64())
+    table = pa.table(cols)
+    blob = metadata.encode(RESULTS_SCHEMA, grammar=grammar.to_json(), **meta)
+    return table.replace_schema_metadata({metadata.METADATA_KEY: blob})
+
+
+def results_table_write(results: list[NoiseResult], grammar: Grammar, out: str, force: bool,
+                        provenance: dict, **meta) -> None:
+    """Write :func:`results_table` to Parquet atomically (`out` may be "-")."""
+    mode = results[0].correlation_mode if results else "none"
+    table = results_table(results, grammar, {"provenance": provenance, "correlation": mode, **meta})
+    with atomic_output(out, force) as sink:
+        pq.write_table(table, sink, compression="zstd")
