@@ -128,6 +128,7 @@ class Trainer:
         self.rows: list[dict] = []
         self.keep = log_spaced_steps(cfg.steps, cfg.checkpoints_per_decade)
         self.elapsed = 0.0
+        self.window: list[float] = []  # training losses since the last validation
 
     # ---- state ---------------------------------------------------------------------------------
     def _meta(self, **extra) -> dict:
@@ -160,13 +161,15 @@ class Trainer:
         m = ckpt.meta
         self.step, self.best_val, self.best_step = m["step"], m.get("best_val_loss"), m.get("best_step")
         self.bad_evals, self.elapsed = m.get("bad_evals", 0), m.get("seconds", 0.0)
+        self.window = list(m.get("loss_window", []))
         self.rows = [r for r in read_metrics(self.run_dir / "metrics.parquet") if r["step"] <= self.step]
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _save_last(self) -> None:
         if self.dist.main:
             save_checkpoint(self.run_dir / "last.safetensors", self.model.network.state_dict(),
-                            self._meta(), optimizer=self.optimizer.state_dict(), ema=self.ema)
+                            self._meta(loss_window=self.window), optimizer=self.optimizer.state_dict(),
+                            ema=self.ema)
 
     # ---- one step --------------------------------------------------------------------------------
     def _train_step(self) -> float:
@@ -244,7 +247,6 @@ class Trainer:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.model.network.train()
         stopped_early = False
-        window: list[float] = []
         start_step, t0 = self.step, time.perf_counter() - self.elapsed
         with progress(cfg.steps, "train") as bar:
             bar.advance(self.step)
@@ -252,7 +254,7 @@ class Trainer:
                 while self.step < cfg.steps:
                     if stop_after is not None and self.step - start_step >= stop_after:
                         break
-                    window.append(self._train_step())
+                    self.window.append(self._train_step())
                     bar.advance()
                     self.elapsed = time.perf_counter() - t0
                     if self.step in self.keep and self.dist.main:
@@ -260,9 +262,9 @@ class Trainer:
                                         self._weights(), self._meta())
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         row = {"step": self.step, "examples": self.step * cfg.batch_size,
-                               "train_loss": float(np.mean(window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
+                               "train_loss": float(np.mean(self.window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
                                "seconds": self.elapsed, **self.evaluate()}
-                        window = []
+                        self.window = []
                         self.rows.append(row)
                         bar.update(loss=row["train_loss"], val=row["val_loss"])
                         log.info("step %d  train %.4f  val %.4f  elbo %.3f bits/token%s", self.step,

@@ -1,0 +1,186 @@
+"""The training loop: exact resume, DDP equivalence, early stopping, data streams, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cgtools.cli.main import app
+from cgtools.diffusion import MaskedConfig, UniformConfig
+from cgtools.grammar.rhm import draw_grammar
+from cgtools.grammar.sampling import generate_sentences
+from cgtools.models.unet import UNetConfig
+from cgtools.training.config import TrainConfig, resolve_configs
+from cgtools.training.data import OfflineData, OnlineData
+from cgtools.training.loop import Trainer, log_spaced_steps, train
+from cgtools.training.trained import load_model
+
+runner = CliRunner()
+
+
+def _data(grammar, n_train, n_val, seed=0):
+    toks = np.concatenate([b.tokens for b in generate_sentences(grammar, n_train + n_val, seed)])
+    return toks[:n_train], toks[n_train:]
+
+
+def _configs(g, process="uniform", **train_kw):
+    model = UNetConfig(vocab=g.vocab, input_vocab=g.vocab + (process == "masked"), depth=g.depth,
+                       branching=g.branching, width=16, time_embedding=process == "uniform")
+    proc = UniformConfig(T=20, schedule="linear-alpha") if process == "uniform" else MaskedConfig()
+    kw = dict(steps=12, batch_size=8, lr=0.5, eval_every=4, sample_check=6, sample_steps=5,
+              val_repeats=1)
+    kw.update(train_kw)
+    return model, proc, TrainConfig(**kw)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(path).items() if k.startswith("model.")}
+
+
+@pytest.mark.parametrize("process, extra", [("uniform", {}), ("masked", {"optimizer": "adam", "lr": 0.01}),
+                                            ("uniform", {"ema": 0.9, "lr_schedule": "cosine", "warmup": 3})])
+def test_resumed_run_ends_where_an_uninterrupted_one_would(tmp_path, process, extra):
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model, proc, cfg = _configs(g, process, **extra)
+    common = dict(train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    full = train(model, proc, cfg, tmp_path / "full", **common)
+    part = train(model, proc, cfg, tmp_path / "part", stop_after=7, **common)
+    assert part.steps_done == 7
+    resumed = train(model, proc, cfg, tmp_path / "part", resume=True, **common)
+    assert resumed.steps_done == full.steps_done == 12
+    a, b = _weights(tmp_path / "full" / "last.safetensors"), _weights(tmp_path / "part" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(full.metrics) == strip(resumed.metrics)
+    assert [r["step"] for r in full.metrics] == [4, 8, 12]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    from cgtools.errors import ConfigError
+
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model, proc, cfg = _configs(g)
+    train(model, proc, cfg, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, stop_after=3)
+    _, _, other = _configs(g, lr=0.3)
+    with pytest.raises(ConfigError, match="different training settings"):
+        train(model, proc, other, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, resume=True)
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path, monkeypatch):
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model, proc, cfg = _configs(g, steps=40, patience=2)
+    losses = iter([3.0, 1.0, 2.0, 2.5, 0.1])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(losses), "val_elbo_bits": 0.0})
+    result = train(model, proc, cfg, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    assert result.stopped_early and result.steps_done == 16 and result.best_step == 8
+    meta = json.loads(_header(tmp_path / "model.safetensors")["__metadata__"]["cgtools"])
+    assert meta["step"] == 8 and meta["best_val_loss"] == 1.0
+
+
+def _header(path):
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n])
+
+
+def test_checkpoints_are_safetensors_and_sample_needs_nothing_else(tmp_path):
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model, proc, cfg = _configs(g, steps=10, checkpoints_per_decade=2)
+    train(model, proc, cfg, tmp_path / "run", train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == [f"step_{s:08d}.safetensors" for s in sorted(log_spaced_steps(10, 2))]
+    for path in [tmp_path / "run" / "model.safetensors", tmp_path / "run" / "last.safetensors",
+                 *(tmp_path / "run" / "checkpoints").iterdir()]:
+        raw = path.read_bytes()
+        assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")  # not a pickle / torch zip
+        meta = json.loads(_header(path)["__metadata__"]["cgtools"])
+        assert meta["schema"] == "checkpoint/1" and meta["grammar"]["vocab"] == 4
+    out = tmp_path / "s.parquet"
+    res = runner.invoke(app, ["sample", str(tmp_path / "run" / "model.safetensors"), "-n", "5", "--steps", "4", "-o", str(out)])
+    assert res.exit_code == 0, res.stderr
+    res = runner.invoke(app, ["measure-accuracy", str(out), "--json"])
+    assert json.loads(res.stdout)["n"] == 5
+    m = load_model(str(tmp_path / "run" / "model.safetensors"))
+    assert m.network.config == model and m.grammar == g
+
+
+def test_offline_epochs_visit_every_sentence_once():
+    tokens = np.arange(10).reshape(10, 1)
+    data = OfflineData(tokens, batch_size=4, seed=0)
+    seen = torch.cat([data.batch(k) for k in range(5)])[:, 0].numpy()  # 20 = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert not np.array_equal(seen[:10], seen[10:])  # reshuffled
+    assert torch.equal(OfflineData(tokens, 4, 0).batch(3), data.batch(3))  # stateless in k
+
+
+def test_online_batches_are_fresh_and_never_validation():
+    g = draw_grammar(2, 2, 4, 2, seed=0)  # 32 sentences
+    val = np.concatenate([b.tokens for b in generate_sentences(g, 24, 0)])
+    data = OnlineData(g, batch_size=64, seed=1, exclude=val)
+    rows = {tuple(r) for k in range(20) for r in data.batch(k).tolist()}
+    val_rows = {tuple(r) for r in val.tolist()}
+    assert rows and not rows & val_rows and len(rows) == 8  # exactly the 8 other sentences
+    assert not torch.equal(data.batch(0), data.batch(1))
+
+
+def test_presets_and_flags():
+    m, p, t = resolve_configs("paper", "uniform", 8, 3, 2, {}, {"width": 64}, {})
+    assert (p.T, p.schedule, p.lambda_ce, t.optimizer, t.lr, t.batch_size, m.width) == \
+        (1000, "linear-beta", 0.0, "sgd", 1.0, 32, 64)
+    m, p, t = resolve_configs("reference-code", "uniform", 8, 3, 2, {"T": 100}, {}, {"lr": 1e-3})
+    assert (p.T, p.beta_min, p.beta_max, t.optimizer, t.lr, t.lr_scheme) == (100, 1e-3, 0.1, "adam", 1e-3, "global")
+    assert (m.norm, m.time_embedding, m.input_mode, m.skip) == ("layernorm", False, "leaf_message", "concat")
+    m, p, t = resolve_configs("cpu", "masked", 8, 3, 2, {}, {}, {})
+    assert m.input_vocab == 9 and not m.time_embedding and p.process == "masked"
+
+
+def test_train_cli_refuses_to_clobber_a_run(tmp_path):
+    out = tmp_path / "d.parquet"
+    runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "20", "-o", str(out)])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(run_dir), "--steps", "2"])
+    assert res.exit_code == 1 and "not empty" in res.stderr
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(tmp_path / "r2"), "--device", "cuda"])
+    assert res.exit_code == (0 if torch.cuda.is_available() else 1)
+
+
+def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
+    """torchrun, 2 processes (gloo): each takes half of the global batch; the averaged gradient is
+    the full-batch gradient, so the weights match a single-process run up to float rounding."""
+    data = tmp_path / "d.parquet"
+    runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "24", "-o", str(data)])
+    args = ["train", str(data), "--val", str(data), "--steps", "6", "--batch-size", "8", "--width", "16",
+            "--T", "20", "--eval-every", "3", "--sample-check", "0", "--threads", "1", "--lr", "0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "cgtools", *args, "-o", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cgtools", *args, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = _weights(tmp_path / "one" / "last.safetensors"), _weights(tmp_path / "two" / "last.safetensors")
+    init = _weights(tmp_path / "one" / "checkpoints" / "step_00000001.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
