@@ -192,10 +192,219 @@ def test_cli_sweep_writes_one_row_per_noise_level(data, tmp_path):
 
 def test_cli_errors(data, tmp_path):
     res = run("forward-backward", data, "--denoiser", tmp_path / "model.safetensors")
-    assert res.exit_code == 1 and "cgtools train" in res.stderr
+    assert res.exit_code == 1 and "no such file" in res.stderr
     res = run("forward-backward", data, "--noise", "2")
     assert res.exit_code == 1 and "[0, 1]" in res.stderr
     res = run("forward-backward", data, "--noise", "0:1")
     assert res.exit_code == 1 and "START:STOP:COUNT" in res.stderr
     res = run("forward-backward", data, "--process", "gaussian")
     assert res.exit_code == 2
+
+
+# ---- trained-model denoisers -----------------------------------------------------------------------
+def _tiny_checkpoint(run_dir, data_path, process):
+    """A barely trained model (a few SGD/Adam steps, width 16) on DATA's grammar: the wiring is
+    under test here, not the quality of the model."""
+    from cgtools.diffusion import MaskedConfig, UniformConfig
+    from cgtools.formats.files import open_input
+    from cgtools.formats.sequences import SequencesTable
+    from cgtools.models.unet import UNetConfig
+    from cgtools.training.config import TrainConfig
+    from cgtools.training.loop import train
+
+    table = SequencesTable(open_input(data_path))
+    g = table.grammar()
+    tokens = table.read_column(length=g.length)
+    masked = process == "masked"
+    model = UNetConfig(vocab=g.vocab, input_vocab=g.vocab + masked, depth=g.depth, branching=g.branching,
+                       width=16, time_embedding=not masked)
+    proc = MaskedConfig(T=20) if masked else UniformConfig(T=20, schedule="linear-alpha")
+    cfg = TrainConfig(steps=4, batch_size=8, optimizer="adam" if masked else "sgd", lr=0.01 if masked else 0.5,
+                      eval_every=4, sample_check=0, val_repeats=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(model, proc, cfg, run_dir, train_tokens=tokens[:150], val_tokens=tokens[150:], grammar=g,
+              provenance={})
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fb-model") / "data.parquet"
+    res = run("rhm-gen", "-L", 3, "-s", 2, "-v", 8, "-m", 2, "-n", 200, "--seed", 0, "-o", path)
+    assert res.exit_code == 0, res.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(model_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fb-ckpt")
+    return {p: _tiny_checkpoint(root / p, model_data, p) for p in ("uniform", "masked")}
+
+
+@pytest.mark.parametrize("process", ["uniform", "masked"])
+def test_cli_model_denoiser_at_zero_noise_changes_nothing(model_data, checkpoints, process):
+    res = run("forward-backward", model_data, "--noise", 0, "--denoiser", checkpoints[process],
+              "--process", process, "--json", "--threads", 1)
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["changed"] == [0.0] * 4 and out["root_kept"] == 1.0 and out["grammatical"] == 1.0
+    assert out["changed_expected"] is None and out["n"] == 200
+
+
+def test_cli_model_denoiser_results_and_metadata(model_data, checkpoints, tmp_path):
+    import hashlib
+
+    ckpt = checkpoints["uniform"]
+    out = tmp_path / "fb.parquet"
+    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--steps", 5,
+              "-n", 64, "--repeats", 2, "--threads", 1, "-o", out)
+    assert res.exit_code == 0, res.stderr
+    table = pq.read_table(out)
+    assert table.num_rows == 3 and table.column("n").to_pylist() == [128] * 3
+    for changed in table.column("changed").to_pylist():
+        assert len(changed) == 4 and all(0.0 <= c <= 1.0 for c in changed)
+    assert all(0.0 <= x <= 1.0 for x in table.column("grammatical").to_pylist())
+    assert table.column("changed_expected").to_pylist() == [None] * 3
+    assert table.column("root_kept_expected").to_pylist() == [None] * 3
+    assert table.column("changed_0").to_pylist()[0] == 0.0
+    meta = json.loads(table.schema.metadata[b"cgtools"])
+    assert meta["denoiser"] == str(ckpt)
+    assert meta["model"]["steps"] == 5 and meta["model"]["final_step"] == "argmax"
+    assert meta["model"]["process"]["process"] == "uniform" and meta["model"]["process"]["T"] == 20
+    assert meta["provenance"]["inputs"][str(ckpt)] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    # BP runs keep recording "bp"
+    res = run("forward-backward", model_data, "--noise", 0.5, "-n", 16, "-o", tmp_path / "bp.parquet")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(pq.read_table(tmp_path / "bp.parquet").schema.metadata[b"cgtools"])["denoiser"] == "bp"
+
+
+def _one_line_error(res, text):
+    assert res.exit_code == 1, res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cgtools forward-backward: error:"), res.stderr
+    assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("trained, asked", [("uniform", "masked"), ("masked", "uniform")])
+def test_cli_model_process_must_match(model_data, checkpoints, tmp_path, trained, asked):
+    out = tmp_path / "fb.parquet"
+    res = run("forward-backward", model_data, "--noise", 0.3, "--denoiser", checkpoints[trained],
+              "--process", asked, "-o", out)
+    _one_line_error(res, f"was trained with {trained} diffusion; use --process {trained}")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_model_grammar_must_match(checkpoints, tmp_path):
+    other = tmp_path / "other.parquet"
+    res = run("rhm-gen", "-L", 3, "-s", 2, "-v", 8, "-m", 2, "-n", 50, "--seed", 1, "-o", other)
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / "fb.parquet"
+    res = run("forward-backward", other, "--noise", 0.3, "--denoiser", checkpoints["uniform"], "-o", out)
+    _one_line_error(res, "different grammar")
+    assert not out.exists()
+    # --grammar says which grammar to use: the checkpoint's is then not compared
+    res = run("forward-backward", other, "--grammar", other, "--noise", 0.3, "--denoiser",
+              checkpoints["uniform"], "--json", "--threads", 1)
+    assert res.exit_code == 0, res.stderr
+    # a grammar with another vocabulary cannot be denoised by this model at all
+    wide = tmp_path / "wide.parquet"
+    assert run("rhm-gen", "-L", 3, "-s", 2, "-v", 6, "-m", 2, "-n", 20, "-o", wide).exit_code == 0
+    res = run("forward-backward", wide, "--grammar", wide, "--denoiser", checkpoints["uniform"])
+    _one_line_error(res, "predicts 8 symbols but the grammar has v = 6")
+
+
+def test_cli_model_options(model_data, checkpoints, tmp_path):
+    res = run("forward-backward", model_data, "--steps", 5)
+    assert res.exit_code == 2 and "--steps" in res.stderr  # meaningless for BP
+    res = run("forward-backward", model_data, "--device", "cuda")
+    assert res.exit_code == 2 and "--device" in res.stderr
+    res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--device", "tpu")
+    assert res.exit_code == 2
+    res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--steps", 21)
+    _one_line_error(res, "1..T = 20")
+    if not torch.cuda.is_available():
+        res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--device", "cuda")
+        _one_line_error(res, "no CUDA device")
+    res = run("forward-backward", model_data, "--denoiser", tmp_path / "missing.safetensors")
+    _one_line_error(res, "no such file")
+    res = run("forward-backward", model_data, "--denoiser", model_data)
+    _one_line_error(res, "not a safetensors checkpoint")
+
+
+def test_model_sampler_starts_at_the_closest_level():
+    """Uniform, T = 20 linear-alpha (1 - ᾱ_t = t/20): E = 0.02 is closer to level 0 than to level 1
+    (0.05), so x̂0 = x_t; E = 0.3 starts at level 6 and really denoises."""
+    from cgtools.diffusion import UniformConfig
+    from cgtools.inference.forward_backward import model_sampler
+    from cgtools.training.generate import exact_model
+
+    g = draw_grammar(3, 2, 8, 2, seed=8)
+    model = exact_model(g, UniformConfig(T=20, schedule="linear-alpha", decoder="posterior"))
+    assert model.process.time_for_corruption(0.02) == 0 and model.process.time_for_corruption(0.3) == 6
+    sampler = model_sampler(model)
+    x_t = torch.from_numpy(sentences(g, 64))
+    x_t[:, 0] = (x_t[:, 0] + 1) % g.vocab  # ungrammatical
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sampler.denoise_tokens(x_t, 0.02, gen), x_t)
+    out = sampler.denoise_tokens(x_t, 0.3, gen)
+    assert out.shape == x_t.shape and Parser(g).parse(out.numpy()).grammatical.mean() > 0.9
+
+
+@pytest.mark.parametrize("process", ["uniform", "masked"])
+def test_model_path_with_the_exact_denoiser_reproduces_bp(process):
+    """The model path with a perfect 'model' (BP cavities as the x0 prediction, T = 200) is a
+    near-exact posterior sampler, so its `changed` must agree with exact BP sampling on the same
+    x_t. Bound: each estimate is a mean over n sentences of a per-sentence mean of change
+    indicators, variance <= p(1 - p)/n with p = BP's changed_expected; the two are compared at
+    4 combined standard errors (false alarm < 1e-4 per level for independent estimates; the shared
+    x_t only make them closer). The uniform decoder is "posterior": with the cavity as p̂ it is the
+    exact t = 1 -> 0 marginal ("x0" would take the cavity's argmax and ignore the token itself).
+    Power: returning x_t unchanged fails both the grammaticality and the root bound."""
+    from cgtools.diffusion import MaskedConfig, UniformConfig
+    from cgtools.inference.forward_backward import check_model, model_sampler
+    from cgtools.training.generate import exact_model
+
+    g = draw_grammar(3, 2, 8, 2, seed=3)
+    data = sentences(g, 400)
+    cfg = (UniformConfig(T=200, schedule="linear-alpha", decoder="posterior") if process == "uniform"
+           else MaskedConfig(T=200))
+    model = exact_model(g, cfg)
+    check_model(model, g, process)
+    (bp,) = forward_backward(g, [data], [0.3], process, seed=9)
+    (fb,) = forward_backward(g, [data], [0.3], process, seed=9, sampler=model_sampler(model, g))
+    (identity,) = forward_backward(g, [data], [0.3], process, seed=9,
+                                   sampler=tokens_sampler(g, lambda x_t, e, gen: x_t.clamp(max=g.vocab - 1)))
+    assert fb.changed_expected is None and fb.n == bp.n == 400
+    assert fb.grammatical >= 0.9 and identity.grammatical < 0.5
+    for level in range(g.depth + 1):
+        p = bp.changed_expected[level]
+        tol = 4 * math.sqrt(2 * max(p * (1 - p), 1e-4) / bp.n)
+        assert abs(fb.changed[level] - bp.changed[level]) < tol, (level, fb.changed, bp.changed)
+    p = bp.changed_expected[-1]
+    assert identity.changed[-1] - bp.changed[-1] > 4 * math.sqrt(2 * p * (1 - p) / bp.n)
+
+
+def test_check_model_refusals():
+    from cgtools.diffusion import MaskedConfig, UniformConfig
+    from cgtools.inference.forward_backward import check_model
+    from cgtools.training.generate import exact_model
+
+    g = draw_grammar(3, 2, 8, 2, seed=3)
+    model = exact_model(g, UniformConfig(T=20, schedule="linear-alpha"))
+    with pytest.raises(ConfigError, match="trained with uniform diffusion; use --process uniform"):
+        check_model(model, g, "masked", where="CKPT")
+    with pytest.raises(ConfigError, match="trained with masked diffusion"):
+        check_model(exact_model(g, MaskedConfig(T=20)), g, "uniform")
+    other = draw_grammar(3, 2, 8, 2, seed=4)
+    with pytest.raises(InputError, match="different grammar"):
+        check_model(model, other, "uniform")
+    check_model(model, other, "uniform", same_grammar=False)
+    with pytest.raises(InputError, match="predicts 8 symbols"):
+        check_model(model, draw_grammar(3, 2, 6, 2, seed=4), "uniform", same_grammar=False)
+    model.grammar = None
+    with pytest.raises(InputError, match="carries no grammar"):
+        check_model(model, g, "uniform")

@@ -1,4 +1,5 @@
-"""`cgtools forward-backward`: noise clean sentences, denoise them exactly, compare the trees."""
+"""`cgtools forward-backward`: noise clean sentences, denoise them (exact BP or a trained model),
+compare the trees."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ import typer
 
 from cgtools.cli.options import ForceOpt, GrammarOpt, JsonOpt, SeedOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
-from cgtools.errors import ConfigError, InputError
+from cgtools.errors import InputError
 from cgtools.formats.files import open_input
-
-# Trained-model denoisers plug in through cgtools.inference.forward_backward.tokens_sampler.
-TRAINED_MODELS_UNAVAILABLE = ("trained-model denoisers need `cgtools train`, not available yet; "
-                              "use --denoiser bp")
 
 
 def forward_backward(
     data: Annotated[str, typer.Argument(help="Clean sentences: a sequences table ('-' = stdin).", metavar="DATA")] = "-",
     noise: Annotated[str, typer.Option("--noise", "-e", help="Noise E in [0,1]: one value, a list 0.1,0.2 or a range START:STOP:COUNT (sweep).", metavar="SPEC")] = "0.5",
     process: Annotated[str, typer.Option("--process", help="'uniform': tokens redrawn uniformly with probability E; 'masked': masked with probability E.")] = "uniform",
-    denoiser: Annotated[str, typer.Option("--denoiser", help="'bp' (exact belief propagation) or a checkpoint.", metavar="bp|CKPT")] = "bp",
+    denoiser: Annotated[str, typer.Option("--denoiser", help="'bp' (exact belief propagation) or a checkpoint written by `cgtools train` (RUN_DIR/model.safetensors).", metavar="bp|CKPT")] = "bp",
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Model only: respaced reverse steps (uniform: K of the T levels; masked: N grid points); the reverse pass starts at E's level and visits the grid points below it (default: every level).", metavar="K")] = None,
+    device: Annotated[str, typer.Option("--device", help="Model only: 'cpu' or 'cuda' (random numbers are drawn on the CPU either way).")] = "cpu",
     grammar: GrammarOpt = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Use only the first N sentences of DATA.")] = None,
     repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Independent noise draws per sentence and level.")] = 1,
@@ -32,21 +31,32 @@ def forward_backward(
     force: ForceOpt = False,
 ) -> None:
     """Forward-backward experiment: noise each clean sentence to level E, draw a clean sentence
-    back from the exact posterior, and compare the two trees level by level.
+    back from the posterior (exact BP, or a trained model), and compare the two trees level by
+    level.
 
     Reports `changed` (for levels 0 = tokens … L = root, the fraction of nodes whose symbol
-    differs), `root_kept`, `changed_expected` (1 - mean posterior probability of the clean symbol,
-    the same expectation with less noise), and the dynamical correlation C(r) of token changes with
-    its sum `susceptibility` χ = Σ_{r≥1} C(r). With a list or range of noise levels every level is
-    run; --json then prints one JSON object per level (JSON lines) and -o writes a Parquet table
-    with one row per level. Latents of the clean sentences come from parsing DATA with its grammar
-    (or --grammar).
+    differs), `root_kept`, `changed_expected` (BP only: 1 - mean posterior probability of the
+    clean symbol, the same expectation with less noise), `grammatical` (fraction of denoised
+    sentences that parse), and the dynamical correlation C(r) of token changes with its sum
+    `susceptibility` χ = Σ_{r≥1} C(r). With a list or range of noise levels every level is run;
+    --json then prints one JSON object per level (JSON lines) and -o writes a Parquet table with
+    one row per level. Latents of the clean sentences come from parsing DATA with its grammar (or
+    --grammar).
+
+    With --denoiser CKPT the model's reverse process starts from the noisy sentence: uniform at
+    the level t whose corruption 1 - ᾱ_t is closest to E (t = 0, i.e. E < (1 - ᾱ_1)/2, returns
+    x_t unchanged), masked at the time with 1 - α(t) = E. --process must be the model's;
+    its training grammar must be DATA's unless --grammar is given. The latents of an
+    ungrammatical denoised sentence count as changed. The table records the checkpoint (path and
+    sha256).
 
     Examples:
 
       cgtools forward-backward data.parquet --noise 0.3 --json
 
       cgtools forward-backward data.parquet --noise 0:1:21 -o sweep.parquet
+
+      cgtools forward-backward data.parquet --noise 0:1:21 --denoiser run/model.safetensors -o fb.parquet
     """
     from cgtools.analysis.mean_field import noise_grid
     from cgtools.formats.grammar_file import load_grammar
@@ -60,12 +70,23 @@ def forward_backward(
         raise typer.BadParameter(f"must be one of {', '.join(PROCESSES)}", param_hint="--process")
     if correlation not in CORRELATION_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(CORRELATION_MODES)}", param_hint="--correlation")
-    if denoiser != "bp":
-        raise ConfigError(TRAINED_MODELS_UNAVAILABLE)
+    use_model = denoiser != "bp"
+    if not use_model:
+        if steps is not None:
+            raise typer.BadParameter("only for a model denoiser (--denoiser CKPT)", param_hint="--steps")
+        if device != "cpu":
+            raise typer.BadParameter("only for a model denoiser (--denoiser CKPT); BP runs on the CPU",
+                                     param_hint="--device")
+    elif denoiser == "-":
+        raise typer.BadParameter("give the checkpoint as a file, not '-'", param_hint="--denoiser")
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        raise typer.BadParameter("must be 'cpu' or 'cuda'", param_hint="--device")
     noises = noise_grid(noise)
-    if threads is not None:
-        import torch
+    import torch
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    if threads is not None:
         torch.set_num_threads(threads)
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")
@@ -79,13 +100,27 @@ def forward_backward(
     g = load_grammar(gsource) if gsource is not None else table.grammar()
     if g is None:
         raise InputError(f"{source.display()} carries no grammar; give --grammar FILE")
+    sources = [source] + ([gsource] if gsource else [])
+    sampler = None
+    meta: dict = {"denoiser": "bp"}
+    if use_model:
+        from cgtools.inference.forward_backward import check_model, model_sampler
+        from cgtools.training.trained import load_model
+
+        csource = open_input(denoiser)
+        sources.append(csource)
+        model = load_model(denoiser, device=device)
+        check_model(model, g, process, where=csource.display(), data=source.display(),  # type: ignore[arg-type]
+                    same_grammar=gsource is None)
+        sampler = model_sampler(model, g, steps=steps, device=device)
+        meta = {"denoiser": csource.display(), "model": sampler.info()}
     batches = _limited(table.iter_column(length=g.length), num)
     total = table.num_rows if num is None else min(num, table.num_rows)
     results = run(g, batches, noises, process, seed=seed, repeats=repeats, correlation=correlation,
-                  total=total, where=source.display())  # type: ignore[arg-type]
+                  sampler=sampler, total=total, where=source.display())  # type: ignore[arg-type]
     if out is not None:
-        prov = provenance("forward-backward", seed, [source] + ([gsource] if gsource else []))
-        results_table_write(results, g, out, force, prov, denoiser="bp", repeats=repeats)
+        prov = provenance("forward-backward", seed, sources)
+        results_table_write(results, g, out, force, prov, repeats=repeats, **meta)
     if json_out:
         for r in results:
             emit_json(r.to_json())

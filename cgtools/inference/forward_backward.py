@@ -20,10 +20,24 @@ Measured per noise level:
   pairs with a constant indicator contribute 0). The susceptibility (correlation volume) is
   χ = Σ_{r=1}^{d-1} C(r); C(0) (the mean variance) is reported in the curve, not in χ.
 
-Denoisers: exact BP by default (:class:`BPSampler`). A trained model plugs in through
-:func:`tokens_sampler`, which wraps any (x_t, E, generator) -> x̂0 [B, d] function (e.g. the
-reverse process of cgtools.diffusion started at the level whose corruption is E); its outputs are
-parsed and latents without a valid parse count as changed.
+Denoisers: exact BP by default (:class:`BPSampler`). Any (x_t, E, generator) -> x̂0 [B, d]
+function plugs in through :func:`tokens_sampler`; its outputs are parsed and latents without a
+valid parse count as changed. :func:`model_sampler` builds one for a trained diffusion model (or
+any object with `.process` and `.denoiser()`, e.g. cgtools.training.generate.ExactModel): x_t is
+drawn by :func:`cgtools.inference.bp.noise_tokens` exactly as for BP, then the model's reverse
+process (cgtools.diffusion.sampling.denoise) runs from start = process.time_for_corruption(E):
+
+* uniform: the level t ∈ 0..T whose corruption 1 - ᾱ_t is closest to E (the smaller t on a tie).
+  The model thus assumes a corruption up to half a level gap (|E - (1 - ᾱ_t)|, at most 1/(2T)
+  for linear-alpha, 1 - ᾱ_t = t/T) away from the true E; when the closest level is t = 0
+  (E < (1 - ᾱ_1)/2, including E = 0) x̂0 = x_t unchanged. The last step (t_1 -> 0) takes the argmax
+  unless final_step="sample".
+* masked: the time t ∈ [0, 1] with 1 - α(t) = E exactly (E = 0: x̂0 = x_t); the last step samples.
+
+`steps` respaces the reverse process: the start, then the points of process.time_grid(steps) below
+it. A model gives nodes only, so `changed_expected` and `root_kept_expected` are None (they need
+posterior marginals: BP only), and an ungrammatical x̂0 (`grammatical` < 1) has its unparsable
+latents counted as changed, so `changed[l]` then also measures rule violations.
 
 Randomness: one torch generator per (seed, noise value, chunk of sentences), so a noise level
 gives the same draws whatever other levels the sweep holds; chunk size depends only on d.
@@ -41,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cgtools.diffusion.sampling import denoise as reverse_process
 from cgtools.errors import ConfigError, InputError
 from cgtools.formats import metadata
 from cgtools.formats.files import atomic_output
@@ -112,6 +127,121 @@ def tokens_sampler(grammar: Grammar,
         return Denoised(parser.parse(tokens).symbols)
 
     return sampler
+
+
+class DenoisingModel(Protocol):
+    """What :func:`model_sampler` needs: a noise process and a denoiser (log p̂(x0 | x_t, t)).
+
+    cgtools.training.trained.DiffusionModel and cgtools.training.generate.ExactModel qualify;
+    `grammar` (the training grammar, or None) is read when present.
+    """
+
+    process: object
+
+    def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]: ...
+
+
+# What cgtools.diffusion.sampling.denoise does on its last step unless told otherwise.
+DEFAULT_FINAL_STEP = {"uniform": "argmax", "masked": "sample"}
+
+
+def check_model(model: DenoisingModel, grammar: Grammar, process: Process, *,
+                where: str = "the model", data: str = "the data", same_grammar: bool = True) -> None:
+    """Refuse a model that cannot denoise this experiment's x_t.
+
+    ConfigError if its process kind is not `process`; InputError if it predicts another vocabulary
+    or sequence length than `grammar`, or (with same_grammar) if its training grammar is missing or
+    differs from `grammar` (Grammar.same_rules). `where` names the model, `data` the sentences.
+    """
+    check_process(process)
+    kind = getattr(model.process, "kind", None)
+    if kind != process:
+        raise ConfigError(f"{where} was trained with {kind} diffusion; use --process {kind}")
+    vocab = model.process.vocab
+    if vocab != grammar.vocab:
+        raise InputError(f"{where} predicts {vocab} symbols but the grammar has v = {grammar.vocab}")
+    config = getattr(getattr(model, "network", None), "config", None)
+    length = getattr(config, "length", None)
+    if length is not None and length != grammar.length:
+        raise InputError(f"{where} denoises sequences of length {length} but the grammar has "
+                         f"d = {grammar.length}")
+    if same_grammar:
+        trained_on = getattr(model, "grammar", None)
+        if trained_on is None:
+            raise InputError(f"{where} carries no grammar to check against {data}'s; "
+                             f"give --grammar FILE to run it anyway")
+        if not trained_on.same_rules(grammar):
+            raise InputError(f"{where} was trained on a different grammar than {data}'s; "
+                             f"give --grammar FILE to run it anyway")
+
+
+class ModelSampler:
+    """Posterior sampling by a diffusion model's reverse process (see the module docstring).
+
+    model: anything with `.process` (a cgtools.diffusion process) and `.denoiser()`. Runs the
+    network on `device` (default: the process's); every random number comes from the generator
+    the experiment passes in, so results do not depend on the device. Compatibility with the
+    experiment is the caller's job (:func:`check_model`).
+    """
+
+    def __init__(self, model: DenoisingModel, grammar: Grammar, *, steps: int | None = None,
+                 final_step: str | None = None, cache: bool | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.process = model.process
+        kind = getattr(self.process, "kind", None)
+        if kind not in DEFAULT_FINAL_STEP:
+            raise ConfigError(f"no sampler for process {kind!r}")
+        if final_step is not None and final_step not in ("argmax", "sample"):
+            raise ConfigError(f"final_step must be 'argmax' or 'sample', got {final_step!r}")
+        if steps is not None:
+            self.process.time_grid(steps)  # ConfigError for an impossible number of steps
+        self.grammar = grammar
+        self.steps = steps
+        self.final_step = final_step or DEFAULT_FINAL_STEP[kind]
+        self.cache = cache
+        self.device = torch.device(device) if device is not None else self.process.device
+        self.denoiser = model.denoiser()
+        self._sampler = tokens_sampler(grammar, self.denoise_tokens)
+        self._seen: set[float] = set()
+
+    def info(self) -> dict:
+        """The settings to record with the results."""
+        config = getattr(self.process, "config", None)
+        return {"process": config.to_dict() if hasattr(config, "to_dict") else self.process.kind,
+                "steps": self.steps, "final_step": self.final_step}
+
+    def denoise_tokens(self, x_t: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+        """x̂0 [B, d] (long, on x_t's device) from x_t [B, d] corrupted at level `noise`."""
+        start = self.process.time_for_corruption(noise)
+        if noise not in self._seen:
+            self._seen.add(noise)
+            if start == 0 and noise > 0:
+                log.warning("noise %g is closer to no corruption than to the model's first level; "
+                            "x̂0 = x_t", noise)
+            log.debug("noise %g: the model starts at time %s", noise, start)
+        if start == 0:
+            return x_t.clone()
+        x = x_t.to(self.device)
+        mask_id = getattr(self.process, "mask_id", None)
+        if mask_id is not None and mask_id != self.grammar.vocab:  # noise_tokens masks with id v
+            x = torch.where(x == self.grammar.vocab, torch.full_like(x, mask_id), x)
+        out = reverse_process(self.process, self.denoiser, x, start, generator, steps=self.steps,
+                              final_step=self.final_step, cache=self.cache)  # type: ignore[arg-type]
+        return out.to(x_t.device)
+
+    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+                 clean: list[np.ndarray]) -> Denoised:
+        return self._sampler(x_t, noise, generator, clean)
+
+
+def model_sampler(model: DenoisingModel, grammar: Grammar | None = None, *, steps: int | None = None,
+                  final_step: str | None = None, cache: bool | None = None,
+                  device: torch.device | str | None = None) -> ModelSampler:
+    """A PosteriorSampler that denoises with `model` (default grammar: model.grammar)."""
+    grammar = grammar if grammar is not None else getattr(model, "grammar", None)
+    if grammar is None:
+        raise InputError("the model carries no grammar; give one to parse its outputs")
+    return ModelSampler(model, grammar, steps=steps, final_step=final_step, cache=cache, device=device)
 
 
 @dataclass

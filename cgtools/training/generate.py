@@ -6,12 +6,13 @@ forward-backward: each given sentence is corrupted to level E and denoised by th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cgtools.diffusion import Denoiser, forward_backward, make_process, sample
+from cgtools.diffusion import Denoiser, UniformConfig, forward_backward, make_process, sample
 from cgtools.formats.files import atomic_output, check_output
 from cgtools.formats.sequences import SequencesWriter, sequences_meta
 from cgtools.grammar.rhm import Grammar
@@ -34,6 +35,16 @@ class ExactModel:
 
 
 def exact_model(grammar: Grammar, process_cfg, kind: str = "cavity", device: str = "cpu") -> ExactModel:
+    """BP as the denoiser of `process_cfg`'s reverse process.
+
+    With the cavity (the loss-optimal x0 prediction, which leaves out token i's own evidence) the
+    uniform process's last step must be the "posterior" decoder p(x0 | x1) ∝ q(x1 | x0)·p̂: the
+    "x0" decoder would take the cavity itself as p(x0 | x1), ignore x1, and collapse the samples
+    onto a few sentences (measured: 14 % distinct of 2048 draws from a 1024-sentence language,
+    against 45 % with "posterior", the uniform law's 43 %).
+    """
+    if kind == "cavity" and isinstance(process_cfg, UniformConfig) and process_cfg.decoder != "posterior":
+        process_cfg = dataclasses.replace(process_cfg, decoder="posterior")
     return ExactModel(make_process(process_cfg, grammar.vocab, device), grammar, kind)
 
 
