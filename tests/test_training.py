@@ -147,6 +147,16 @@ def test_presets_and_flags():
     m, p, t = resolve_configs("reference-code", "uniform", 8, 3, 2, {"T": 100}, {}, {"lr": 1e-3})
     assert (p.T, p.beta_min, p.beta_max, t.optimizer, t.lr, t.lr_scheme) == (100, 1e-3, 0.1, "adam", 1e-3, "global")
     assert (m.norm, m.time_embedding, m.input_mode, m.skip) == ("layernorm", False, "leaf_message", "concat")
+    assert m.deconv_fan_in == "cin_k"
+    # their input standardisation: leaf-message moments over their default table (β 1e-4 -> 0.02, T = 1000)
+    beta = np.linspace(1e-4, 0.02, 1000)
+    a = np.concatenate([[1.0], np.cumprod(1 - beta)])
+    mean = np.mean(a + (1 - a) / 8)
+    std = np.sqrt(np.mean(a + (1 - a) / 64) - mean**2)
+    assert m.leaf_mean == pytest.approx(mean, rel=1e-9) and m.leaf_std == pytest.approx(std, rel=1e-9)
+    m, p, t = resolve_configs("cpu", "uniform", 8, 3, 2, {}, {}, {})
+    assert (p.T, p.schedule, p.lambda_ce, t.optimizer, t.lr, t.lr_schedule, t.decay_start, t.steps, m.width) == \
+        (100, "linear-alpha", 0.01, "adam", 0.3, "cosine", 0.5, 6000, 256)
     m, p, t = resolve_configs("cpu", "masked", 8, 3, 2, {}, {}, {})
     assert m.input_vocab == 9 and not m.time_embedding and p.process == "masked"
 

@@ -21,13 +21,13 @@ def train(
     process: Annotated[str, Opt("--process", help="Noise process: 'uniform' (D3PM) or 'masked' (MD4).")] = "uniform",
     arch: Annotated[str, Opt("--arch", help="Network: 'unet' (the paper's 1-D U-Net).")] = "unet",
     width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (paper: 8192).")] = None,
-    steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [default: 10000].")] = None,
+    steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [preset cpu: 6000; paper, reference-code: 10000].")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
-    optimizer: Annotated[Optional[str], Opt("--optimizer", help="'sgd' (momentum) or 'adam'.")] = None,
-    lr: Annotated[Optional[float], Opt("--lr", help="Learning rate in μP units (width-independent).")] = None,
+    optimizer: Annotated[Optional[str], Opt("--optimizer", help="'sgd' (momentum) or 'adam' [preset cpu: adam; paper: sgd].")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Learning rate in μP units, width-independent [preset cpu: 0.3 (Adam); paper: 1 (SGD)].")] = None,
     momentum: Annotated[Optional[float], Opt("--momentum", help="SGD momentum.")] = None,
     weight_decay: Annotated[Optional[float], Opt("--weight-decay", help="Weight decay.")] = None,
-    lr_schedule: Annotated[Optional[str], Opt("--lr-schedule", help="'constant', 'cosine' or 'linear' decay to 0.")] = None,
+    lr_schedule: Annotated[Optional[str], Opt("--lr-schedule", help="'constant', 'cosine' or 'linear' decay to 0 [preset cpu: cosine from half the run].")] = None,
     decay_start: Annotated[Optional[float], Opt("--decay-start", help="Fraction of the run after which the decay starts.")] = None,
     warmup: Annotated[Optional[int], Opt("--warmup", min=0, help="Linear warm-up steps.")] = None,
     ema: Annotated[Optional[float], Opt("--ema", help="Weight-average decay, e.g. 0.999 (0 = off).")] = None,
@@ -61,7 +61,7 @@ def train(
 
     Examples:
 
-      cgtools train train.parquet --val val.parquet -o run --steps 8000
+      cgtools train train.parquet --val val.parquet -o run
 
       cgtools train train.parquet --val val.parquet -o run --preset paper --width 256
 
