@@ -26,16 +26,7 @@ import torch
 from cgtools.grammar.rhm import draw_grammar
 from cgtools.grammar.sampling import generate_sentences
 from cgtools.inference.bp import BeliefPropagation, leaf_likelihood, noise_tokens
-
-
-def best_of(repeat: int, fn) -> float:
-    fn()  # warm-up (allocator, lazy init)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of  # bench/timing.py (the script's own folder is on sys.path)
 
 
 def flops_per_sentence(g) -> int:

@@ -25,17 +25,10 @@ from cgtools.errors import ConfigError
 from cgtools.formats.sequences import SequencesWriter, sequences_meta
 from cgtools.grammar.dataset import GenerateConfig, write_dataset
 from cgtools.grammar.rhm import draw_grammar
+from timing import best_of  # bench/timing.py (the script's own folder is on sys.path)
 
 CONFIGS = [(3, 2, 16, 4), (4, 2, 8, 4)]
 
-
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_config(shape, n, repeat, workdir: Path) -> dict:
@@ -51,7 +44,7 @@ def bench_config(shape, n, repeat, workdir: Path) -> dict:
         refused = None
     out = workdir / "gen.parquet"
     cfg = GenerateConfig(num=n, seed=1)
-    t_gen = best_of(repeat, lambda: write_dataset(g, cfg, str(out), True, {}))
+    t_gen = best_of(repeat, lambda: write_dataset(g, cfg, str(out), True, {}), warmup=False)
     tokens = pq.read_table(out)["tokens"].to_numpy(zero_copy_only=False)
     tokens = np.stack(tokens) if tokens.dtype == object else tokens
     meta = sequences_meta(g, {})
@@ -63,7 +56,7 @@ def bench_config(shape, n, repeat, workdir: Path) -> dict:
                 w.write(tokens[start:start + cfg.batch_size])
             w.close()
 
-    t_floor = best_of(repeat, floor)
+    t_floor = best_of(repeat, floor, warmup=False)
     return {"shape": shape, "asked": asked, "n": n, "refused": refused, "gen_s": t_gen,
             "floor_s": t_floor, "rate": n / t_gen, "ratio": t_gen / t_floor,
             "bytes": out.stat().st_size}

@@ -4,7 +4,7 @@ minutes on 2 cores; `make test-slow`).
 Thresholds are the issue's: P = 512 gives >= 90 % grammatical and >= 30 % grammatical-and-new
 samples within 5 minutes of training; P = 24 learns the local rules (A_1 >= 0.5) and composes
 clearly less (its grammatical-and-new fraction at least 0.1 below P = 512's). Measured values
-(docs/training.md): 94-96 %, 41-43 %, 3.5 min; A_1 = 0.98 and 0.4 % new at P = 24.
+(docs/training.md): 95-96 %, 40-43 %, 3 min; A_1 = 0.95 and 6-8 % new at P = 24.
 """
 
 from __future__ import annotations

@@ -20,13 +20,7 @@ from cgtools.inference.denoiser import BPDenoiser
 from tests.helpers import TEST_FAILURE_RATE, brute_force_sentences
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (L, s, v, m, n_classes): n_classes != v on purpose in most, s = 3 once.

@@ -24,12 +24,7 @@ from tests.test_bp import all_trees
 Z = stats.norm.isf(TEST_FAILURE_RATE / 2)  # two-sided bound of the statistical checks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sentences(g, n, seed=1):

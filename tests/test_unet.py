@@ -22,13 +22,7 @@ from cgtools.models.mup import raw_learning_rates
 from cgtools.models.unet import reference_leaf_standardisation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP overhead and contention on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(cfg: UNetConfig, batch: int, seed: int):
