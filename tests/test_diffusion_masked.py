@@ -236,6 +236,15 @@ def test_no_nan_at_time_ends(kind):
 
 
 # ---- bound estimators -----------------------------------------------------------------------------
+def _batch_mean_losses(proc, den, x0, n, batch, g):
+    """Training-loss estimates of the bound (nats per sequence) for n copies of x0, averaged per
+    stratified batch of t: draws within a batch are dependent, batch means are independent."""
+    xs = torch.tensor(x0).repeat(n, 1)
+    t = torch.cat([proc.sample_t(batch, g) for _ in range(n // batch)])
+    z = proc.q_sample(xs, t, g)
+    return (proc.loss(den(z, t), xs, z, t).loss * xs.shape[1]).view(-1, batch).mean(1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_continuous_estimator_matches_quadrature(kind):
     """E[loss] = ∫_{t_min}^1 w(t) E_z[Σ CE] dt + E_z[Σ CE at t_min], by quadrature and enumeration."""
@@ -245,13 +254,7 @@ def test_continuous_estimator_matches_quadrature(kind):
     den = toy_denoiser(k, d, seed=2)
     x0 = [2, 0, 1]
     exact = continuous_bound(proc, den, x0)
-    g = torch.Generator().manual_seed(5)
-    xs = torch.tensor(x0).repeat(n, 1)
-    t = torch.cat([proc.sample_t(1000, g) for _ in range(n // 1000)])
-    z = proc.q_sample(xs, t, g)
-    nats = proc.loss(den(z, t), xs, z, t).loss * d
-    # stratification makes draws within a batch dependent: use batch means for the standard error
-    means = nats.view(-1, 1000).mean(1)
+    means = _batch_mean_losses(proc, den, x0, n, 1000, torch.Generator().manual_seed(5))
     assert abs(float(means.mean()) - exact) < 5 * float(means.std()) / math.sqrt(len(means))
 
 
@@ -264,12 +267,9 @@ def test_discrete_estimators_match_explicit_sum(kind):
     x0 = [1, 1, 0]
     exact = discrete_bound(proc, den, x0)
     g = torch.Generator().manual_seed(6)
-    xs = torch.tensor(x0).repeat(n, 1)
-    t = torch.cat([proc.sample_t(100, g) for _ in range(n // 100)])
-    z = proc.q_sample(xs, t, g)
-    means = (proc.loss(den(z, t), xs, z, t).loss * d).view(-1, 100).mean(1)
+    means = _batch_mean_losses(proc, den, x0, n, 100, g)
     assert abs(float(means.mean()) - exact) < 5 * float(means.std()) / math.sqrt(len(means))
-    full = proc.bound(den, xs[:20000], g)
+    full = proc.bound(den, torch.tensor(x0).repeat(20000, 1), g)
     assert abs(float(full.mean()) - exact) < 5 * float(full.std()) / math.sqrt(20000)
 
 

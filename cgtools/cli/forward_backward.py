@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import ForceOpt, GrammarOpt, JsonOpt, SeedOpt
+from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, JsonOpt, SeedOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
 from cgtools.errors import InputError
 from cgtools.formats.files import open_input
@@ -79,14 +79,11 @@ def forward_backward(
                                      param_hint="--device")
     elif denoiser == "-":
         raise typer.BadParameter("give the checkpoint as a file, not '-'", param_hint="--denoiser")
-    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
-        raise typer.BadParameter("must be 'cpu' or 'cuda'", param_hint="--device")
     noises = noise_grid(noise)
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
+    check_device(device)
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")

@@ -17,3 +17,17 @@ GrammarOpt = Annotated[
                  "safetensors file (default: the grammar in the input's metadata).", metavar="FILE"),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per batch (memory vs speed).")]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine lacks: usage error (exit 2) for an unknown name, InputError
+    (exit 1, one line) for CUDA without a GPU. Imports torch only for CUDA names."""
+    from cgtools.errors import InputError
+
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        raise typer.BadParameter("must be 'cpu' or 'cuda'", param_hint="--device")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available here")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import ForceOpt, GrammarOpt, OutOpt, SeedOpt
+from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, OutOpt, SeedOpt
 from cgtools.errors import ConfigError, InputError
 
 Opt = typer.Option
@@ -48,8 +48,6 @@ def sample(
 
       cgtools sample run/model.safetensors --from val.parquet --noise 0.5 -o fb.parquet
     """
-    import torch
-
     from cgtools.diffusion import UniformConfig, MaskedConfig
     from cgtools.formats.files import check_output, open_input
     from cgtools.formats.grammar_file import load_grammar
@@ -64,8 +62,7 @@ def sample(
         raise typer.BadParameter("--from needs --noise E", param_hint="--noise")
     if denoiser not in ("model", "bp"):
         raise typer.BadParameter("must be 'model' or 'bp'", param_hint="--denoiser")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
+    check_device(device)
     check_output(out, force)
     sources = []
     model = None

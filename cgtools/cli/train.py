@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import ForceOpt
+from cgtools.cli.options import check_device, ForceOpt
 from cgtools.errors import InputError
 
 Opt = typer.Option
@@ -77,8 +77,7 @@ def train(
 
     if arch != "unet":
         raise typer.BadParameter("only 'unet' is available", param_hint="--arch")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     sources = [open_input(data), open_input(val)]

@@ -57,7 +57,8 @@ def _start_grid(process: Process, start, steps: int | None) -> list:
     return [start] + [t for t in process.time_grid(steps) if t < start]
 
 
-def _default_final(process: Process, final_step: FinalStep | None) -> FinalStep:
+def resolve_final_step(process: Process, final_step: FinalStep | None) -> FinalStep:
+    """The last step's rule: `final_step`, or the process's default (uniform argmax, masked sample)."""
     if final_step is None:
         return "argmax" if process.kind == "uniform" else "sample"
     if final_step not in ("argmax", "sample"):
@@ -78,7 +79,7 @@ def denoise(process: Process, denoiser: Denoiser, x_t: torch.Tensor, start, gene
     that changed since their last evaluation; exact when the denoiser ignores t and treats rows
     independently. bar: a cgtools.logs progress bar advanced once per step.
     """
-    final = _default_final(process, final_step)
+    final = resolve_final_step(process, final_step)
     grid = _start_grid(process, start, steps)
     if isinstance(process, UniformDiffusion):
         if cache:
@@ -208,4 +209,4 @@ def forward_backward(process: Process, denoiser: Denoiser, x0: torch.Tensor, noi
     return out
 
 
-__all__ = ["FinalStep", "denoise", "draw_categorical", "forward_backward", "sample"]
+__all__ = ["FinalStep", "denoise", "draw_categorical", "forward_backward", "resolve_final_step", "sample"]

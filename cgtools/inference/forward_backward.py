@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cgtools.diffusion.sampling import denoise as reverse_process
+from cgtools.diffusion.sampling import denoise as reverse_process, resolve_final_step
 from cgtools.errors import ConfigError, InputError
 from cgtools.formats import metadata
 from cgtools.formats.files import atomic_output
@@ -141,10 +141,6 @@ class DenoisingModel(Protocol):
     def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]: ...
 
 
-# What cgtools.diffusion.sampling.denoise does on its last step unless told otherwise.
-DEFAULT_FINAL_STEP = {"uniform": "argmax", "masked": "sample"}
-
-
 def check_model(model: DenoisingModel, grammar: Grammar, process: Process, *,
                 where: str = "the model", data: str = "the data", same_grammar: bool = True) -> None:
     """Refuse a model that cannot denoise this experiment's x_t.
@@ -188,16 +184,13 @@ class ModelSampler:
                  final_step: str | None = None, cache: bool | None = None,
                  device: torch.device | str | None = None) -> None:
         self.process = model.process
-        kind = getattr(self.process, "kind", None)
-        if kind not in DEFAULT_FINAL_STEP:
-            raise ConfigError(f"no sampler for process {kind!r}")
-        if final_step is not None and final_step not in ("argmax", "sample"):
-            raise ConfigError(f"final_step must be 'argmax' or 'sample', got {final_step!r}")
+        if getattr(self.process, "kind", None) not in ("uniform", "masked"):
+            raise ConfigError(f"no sampler for process {getattr(self.process, 'kind', None)!r}")
         if steps is not None:
             self.process.time_grid(steps)  # ConfigError for an impossible number of steps
         self.grammar = grammar
         self.steps = steps
-        self.final_step = final_step or DEFAULT_FINAL_STEP[kind]
+        self.final_step = resolve_final_step(self.process, final_step)  # ConfigError if unknown
         self.cache = cache
         self.device = torch.device(device) if device is not None else self.process.device
         self.denoiser = model.denoiser()
