@@ -25,7 +25,8 @@ import torch
 
 from cgtools.grammar.rhm import draw_grammar
 from cgtools.grammar.sampling import generate_sentences
-from cgtools.inference.bp import BeliefPropagation, leaf_likelihood, noise_tokens
+from cgtools.diffusion import UniformConfig, make_process
+from cgtools.inference.bp import BeliefPropagation
 from timing import best_of  # bench/timing.py (the script's own folder is on sys.path)
 
 
@@ -98,17 +99,18 @@ def main() -> None:
     bp = BeliefPropagation(g)
     gen = torch.Generator().manual_seed(0)
     clean = torch.from_numpy(np.concatenate([b.tokens for b in generate_sentences(g, args.batch, seed=1)]))
-    x = noise_tokens(clean, args.noise, "uniform", g.vocab, gen)
-    lik, _ = leaf_likelihood(x, args.noise, "uniform", g.vocab)
-    leaves = lik.permute(2, 1, 0).index_select(1, bp._order[0]).contiguous()
+    noise = make_process(UniformConfig(), g.vocab)
+    x = noise.corrupt(clean, args.noise, gen)
+    lik, _ = noise.leaf_evidence(x, args.noise)
+    leaves = bp._internal(lik, bp.dtype)
     B = args.batch
     rows = []
     with torch.inference_mode():
         t_core = best_of(args.repeat, lambda: bp._fast(leaves, True))
         t_up = best_of(args.repeat, lambda: bp._fast(leaves, False))
-        t_infer = best_of(args.repeat, lambda: bp.infer(x, args.noise))
-        t_marg = best_of(args.repeat, lambda: bp.infer(x, args.noise).marginals())
-        t_sample = best_of(args.repeat, lambda: bp.sample(bp.infer(x, args.noise, downward=False), gen))
+        t_infer = best_of(args.repeat, lambda: bp.infer(x, args.noise, noise))
+        t_marg = best_of(args.repeat, lambda: bp.infer(x, args.noise, noise).marginals())
+        t_sample = best_of(args.repeat, lambda: bp.sample(bp.infer(x, args.noise, noise, downward=False), gen))
         rate = gemm_rate(args.repeat)
         f = flops_per_sentence(g)
         bound = B * f / rate

@@ -47,7 +47,7 @@ def bench_config(shape, n, repeat, workdir: Path) -> dict:
     t_gen = best_of(repeat, lambda: write_dataset(g, cfg, str(out), True, {}), warmup=False)
     tokens = pq.read_table(out)["tokens"].to_numpy(zero_copy_only=False)
     tokens = np.stack(tokens) if tokens.dtype == object else tokens
-    meta = sequences_meta(g, {})
+    meta = sequences_meta(g.to_json(), {})
 
     def floor():
         with open(workdir / "floor.parquet", "wb") as f:

@@ -79,10 +79,9 @@ def floor_seconds(net, process, length: int, sizes: list[int]) -> float:
     if not sizes:
         return float("nan")
     start = process.time_grid()[0]
-    dtype = torch.long if process.kind == "uniform" else torch.float64
 
     def forward(b):
-        t = torch.full((b,), start, dtype=dtype)
+        t = process.full_time(start, b, "cpu")
         net(torch.randint(process.vocab, (b, length)), process.network_time(t))
 
     replay = sizes if len(set(sizes)) > 1 else sizes[:20]

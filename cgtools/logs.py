@@ -44,6 +44,11 @@ class _Bar:
             self._progress.update(self._task, info=text)
 
 
+def silent_bar() -> _Bar:
+    """A bar that shows nothing: for work that runs inside another command's bar."""
+    return _Bar(None, None)
+
+
 @contextmanager
 def progress(total: float | None, description: str) -> Iterator[_Bar]:
     """A rich progress bar on stderr with ETA; a silent stand-in when bars are off."""

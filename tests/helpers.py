@@ -37,3 +37,10 @@ def brute_force_valid_levels(grammar, tokens):
         out.append(ok)
         seq = [p if p is not None else -1 for p in parents]
     return out
+
+
+def noise_process(name, vocab):
+    """The registered noise process `name` over `vocab` symbols, with default settings."""
+    from cgtools.diffusion.registry import make_config, make_process
+
+    return make_process(make_config(name), vocab)

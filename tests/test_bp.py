@@ -15,7 +15,18 @@ from cgtools.grammar.derivations import expand
 from cgtools.grammar.parse import Parser
 from cgtools.grammar.rhm import draw_grammar
 from cgtools.grammar.sampling import generate_sentences
-from cgtools.inference.bp import BeliefPropagation, leaf_likelihood, noise_tokens
+from cgtools.inference.bp import BeliefPropagation
+from tests.helpers import noise_process
+
+
+def leaf_likelihood(x, noise, process, vocab, dtype=torch.float32):
+    """The named process's BP leaf evidence (lik [B, d, v], log constant [B])."""
+    return noise_process(process, vocab).leaf_evidence(x, noise, dtype)
+
+
+def noise_tokens(x0, noise, process, vocab, gen):
+    """x0 corrupted at exactly `noise` by the named process."""
+    return noise_process(process, vocab).corrupt(x0, noise, gen)
 from cgtools.inference.denoiser import BPDenoiser
 from tests.helpers import TEST_FAILURE_RATE, brute_force_sentences
 
@@ -85,7 +96,7 @@ def test_marginals_and_likelihood_equal_enumeration(dims, process, dtype):
     for noise in NOISES:
         x = observations(g, process, noise, gen)
         lik, const = leaf_likelihood(x, noise, process, g.vocab, torch.float64)
-        beliefs = bp.infer(x, noise, process)
+        beliefs = bp.infer(x, noise, noise_process(process, g.vocab))
         ll, margs = brute_posterior(g, lik, const)
         possible = np.isfinite(ll)
         got = beliefs.log_likelihood.numpy()
@@ -110,7 +121,7 @@ def test_cavity_is_the_posterior_without_the_token(dims, process):
     noise = 0.4
     x = observations(g, process, noise, gen)
     lik, const = leaf_likelihood(x, noise, process, g.vocab, torch.float64)
-    cav = bp.infer(x, noise, process).cavity().numpy()
+    cav = bp.infer(x, noise, noise_process(process, g.vocab)).cavity().numpy()
     for i in range(g.length):
         drop = lik.clone()
         drop[:, i, :] = 1.0  # remove token i's evidence
@@ -129,7 +140,7 @@ def test_impossible_observations_give_minus_inf_and_the_nearest_sentences(dims):
         x = observations(g, process, 0.0 if process == "uniform" else 0.3, gen, count=10)
         noise = 0.0 if process == "uniform" else 0.3
         lik, const = leaf_likelihood(x, noise, process, g.vocab, torch.float64)
-        beliefs = bp.infer(x, noise, process)
+        beliefs = bp.infer(x, noise, noise_process(process, g.vocab))
         ll, _ = brute_posterior(g, lik, const)
         _, limit = brute_posterior(g, lik, const, limit=True)
         impossible = np.isneginf(ll)
@@ -165,9 +176,9 @@ def test_per_sentence_noise_levels_match_separate_calls():
     gen = torch.Generator().manual_seed(4)
     x = torch.randint(0, g.vocab, (4, g.length), generator=gen)
     e = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
-    together = bp.infer(x, e)
+    together = bp.infer(x, e, noise_process("uniform", g.vocab))
     for i in range(4):
-        alone = bp.infer(x[i:i + 1], float(e[i]))
+        alone = bp.infer(x[i:i + 1], float(e[i]), noise_process("uniform", g.vocab))
         assert torch.allclose(together.marginal(1)[i], alone.marginal(1)[0])
         assert torch.allclose(together.log_likelihood[i], alone.log_likelihood[0]) or (
             torch.isneginf(together.log_likelihood[i]) and torch.isneginf(alone.log_likelihood[0]))
@@ -178,9 +189,9 @@ def test_blocks_do_not_change_results(monkeypatch):
 
     g = draw_grammar(3, 2, 8, 2, seed=6)
     x = torch.randint(0, g.vocab, (300, g.length), generator=torch.Generator().manual_seed(5))
-    whole = BeliefPropagation(g, torch.float64).infer(x, 0.3)
+    whole = BeliefPropagation(g, torch.float64).infer(x, 0.3, noise_process("uniform", g.vocab))
     monkeypatch.setattr(bpm, "_BLOCK_BYTES", 1)  # minimum blocks of 32 sentences
-    pieces = BeliefPropagation(g, torch.float64).infer(x, 0.3)
+    pieces = BeliefPropagation(g, torch.float64).infer(x, 0.3, noise_process("uniform", g.vocab))
     assert torch.allclose(whole.log_likelihood, pieces.log_likelihood)
     for level in range(g.depth + 1):
         assert torch.allclose(whole.marginal(level), pieces.marginal(level))
@@ -193,7 +204,7 @@ def test_deep_trees_have_no_nan_or_underflow():
     bp = BeliefPropagation(g)
     clean = torch.from_numpy(next(generate_sentences(g, 16, seed=1)).tokens)
     log_n = math.log(g.n_classes) + g.n_internal * math.log(g.synonyms)
-    beliefs = bp.infer(clean, 0.0)
+    beliefs = bp.infer(clean, 0.0, noise_process("uniform", g.vocab))
     np.testing.assert_allclose(beliefs.log_likelihood.numpy(), -log_n, rtol=1e-6)
     assert not beliefs.fallback.any()
     gen = torch.Generator().manual_seed(6)
@@ -202,7 +213,7 @@ def test_deep_trees_have_no_nan_or_underflow():
              (torch.randint(0, g.vocab, clean.shape, generator=gen), 0.0, "uniform"),
              (torch.randint(0, g.vocab + 1, clean.shape, generator=gen), 0.5, "masked")]
     for x, noise, process in cases:
-        beliefs = bp.infer(x, noise, process)
+        beliefs = bp.infer(x, noise, noise_process(process, g.vocab))
         assert not torch.isnan(beliefs.log_likelihood).any()
         for level in range(g.depth + 1):
             m = beliefs.marginal(level)
@@ -228,7 +239,7 @@ def test_masked_at_one_samples_uniformly_over_the_language():
     n = 16000
     bp = BeliefPropagation(g)
     x = torch.full((n, g.length), g.vocab)
-    nodes = bp.sample(bp.infer(x, 1.0, "masked", downward=False), torch.Generator().manual_seed(7))
+    nodes = bp.sample(bp.infer(x, 1.0, noise_process("masked", g.vocab), downward=False), torch.Generator().manual_seed(7))
     counts = _sentence_counts(g, nodes[0])
     assert counts.sum() == n
     assert stats.chisquare(counts).pvalue > TEST_FAILURE_RATE
@@ -250,7 +261,7 @@ def test_samples_follow_the_exact_posterior(process):
     weights = np.prod([lik[0, i, :].numpy()[tokens[:, i].numpy()] for i in range(g.length)], axis=0)
     n = 20000
     bp = BeliefPropagation(g)
-    beliefs = bp.infer(obs.expand(n, -1), 0.5, process, downward=False)
+    beliefs = bp.infer(obs.expand(n, -1), 0.5, noise_process(process, g.vocab), downward=False)
     nodes = bp.sample(beliefs, gen)
     counts = _sentence_counts(g, nodes[0])
     support = weights > 0
@@ -264,7 +275,7 @@ def test_sampled_trees_are_consistent_parses():
     bp = BeliefPropagation(g)
     gen = torch.Generator().manual_seed(9)
     x = torch.randint(0, g.vocab, (64, g.length), generator=gen)
-    nodes = bp.sample(bp.infer(x, 0.3), gen)
+    nodes = bp.sample(bp.infer(x, 0.3, noise_process("uniform", g.vocab)), gen)
     parse = Parser(g).parse(nodes[0].numpy())
     assert parse.grammatical.all()
     for level in range(g.depth + 1):
@@ -286,11 +297,11 @@ def test_bad_inputs_raise_user_errors():
     g = draw_grammar(2, 2, 4, 2, seed=11)
     bp = BeliefPropagation(g)
     with pytest.raises(InputError):
-        bp.infer(torch.full((1, 4), 4), 0.5, "uniform")  # the mask id is not a uniform-process token
+        bp.infer(torch.full((1, 4), 4), 0.5, noise_process("uniform", 4))  # the mask id is not a uniform-process token
     with pytest.raises(ConfigError):
-        bp.infer(torch.zeros((1, 4), dtype=torch.long), 1.5)
+        bp.infer(torch.zeros((1, 4), dtype=torch.long), 1.5, noise_process("uniform", 4))
     with pytest.raises(ConfigError):
-        bp.infer(torch.zeros((1, 4), dtype=torch.long), 0.5, "gaussian")
+        bp.infer(torch.zeros((1, 4), dtype=torch.long), 0.5, noise_process("gaussian", 4))
     with pytest.raises(InputError):
         bp.infer_evidence(torch.ones((1, 5, 4)))
 
@@ -301,8 +312,8 @@ def test_denoiser_outputs_normalised_log_probs_and_the_two_kinds_agree():
     gen = torch.Generator().manual_seed(11)
     x = torch.randint(0, g.vocab, (10, g.length), generator=gen)
     e = torch.linspace(0.0, 1.0, 10)
-    cav = BPDenoiser(g, kind="cavity", batch_size=3)(x, e)
-    mar = BPDenoiser(g, kind="marginal")(x, e)
+    cav = BPDenoiser(g, noise_process("uniform", g.vocab), kind="cavity", batch_size=3)(x, e)
+    mar = BPDenoiser(g, noise_process("uniform", g.vocab), kind="marginal")(x, e)
     assert cav.shape == (10, g.length, g.vocab) and cav.dtype == torch.float32
     assert not torch.isnan(cav).any() and not torch.isnan(mar).any()
     assert torch.allclose(cav.exp().sum(-1), torch.ones(()), atol=1e-5)
@@ -311,7 +322,7 @@ def test_denoiser_outputs_normalised_log_probs_and_the_two_kinds_agree():
     prod = cav.double().exp() * lik
     prod = prod / prod.sum(-1, keepdim=True)
     assert torch.allclose(prod[1:], mar.double().exp()[1:], atol=1e-5)
-    masked = BPDenoiser(g, process="masked")
+    masked = BPDenoiser(g, noise_process("masked", g.vocab))
     assert masked.mask_id == g.vocab
     out = masked(torch.full((2, g.length), g.vocab), 1.0)
     assert torch.allclose(out.exp().sum(-1), torch.ones(()), atol=1e-5)
@@ -338,7 +349,7 @@ def test_cavity_makes_exact_d3pm_generation_grammatical_and_marginals_do_not():
     parser = Parser(g)
     fractions = {}
     for kind in ("cavity", "marginal"):
-        x = _d3pm_sample(BPDenoiser(g, kind=kind), 400, 100, torch.Generator().manual_seed(12))
+        x = _d3pm_sample(BPDenoiser(g, noise_process("uniform", g.vocab), kind=kind), 400, 100, torch.Generator().manual_seed(12))
         fractions[kind] = parser.parse(x.numpy()).grammatical.mean()
     assert fractions["cavity"] >= 0.95
     assert fractions["marginal"] < 0.7 and fractions["marginal"] < fractions["cavity"] - 0.25
@@ -350,7 +361,7 @@ def test_probability_of_given_symbols_matches_the_marginals():
     gen = torch.Generator().manual_seed(13)
     x = torch.randint(0, g.vocab, (20, g.length), generator=gen)
     for noise in (0.0, 0.4):  # E = 0: impossible rows take the log-space path
-        beliefs = bp.infer(x, noise)
+        beliefs = bp.infer(x, noise, noise_process("uniform", g.vocab))
         for level in range(g.depth + 1):
             sym = torch.randint(0, g.symbols(level), (20, g.width(level)), generator=gen)
             expect = torch.gather(beliefs.marginal(level), 2, sym.unsqueeze(-1)).squeeze(-1)
@@ -371,7 +382,7 @@ def test_sample_command_with_bp_is_uniform_over_the_language(tmp_path, process):
 
     from cgtools.cli.main import app
     from cgtools.formats.files import open_input
-    from cgtools.formats.grammar_file import load_grammar
+    from cgtools.grammar.source import load_grammar
 
     runner = CliRunner()
     gfile = tmp_path / "g.safetensors"

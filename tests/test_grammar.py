@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cgtools.errors import ConfigError, SchemaError
 from cgtools.formats.files import InputFile
-from cgtools.formats.grammar_file import load_grammar, save_grammar
+from cgtools.grammar.source import load_grammar, save_grammar
 from cgtools.grammar.rhm import Grammar, draw_grammar, tuple_codes
 
 

@@ -19,7 +19,9 @@ from cgtools.diffusion import MaskedConfig, UniformConfig
 from cgtools.grammar.rhm import draw_grammar
 from cgtools.grammar.sampling import generate_sentences
 from cgtools.models.unet import UNetConfig
-from cgtools.training.config import TrainConfig, resolve_configs
+from cgtools.models.registry import DataSpec
+from cgtools.training.config import TrainConfig
+from cgtools.training.presets import RunConfig, resolve_run
 from cgtools.training.data import OfflineData, OnlineData
 from cgtools.training.loop import Trainer, log_spaced_steps, train
 from cgtools.training.trained import load_model
@@ -55,10 +57,10 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(tmp_path, process, ex
     tr, va = _data(g, 12, 4)
     model, proc, cfg = _configs(g, process, **extra)
     common = dict(train_tokens=tr, val_tokens=va, grammar=g, provenance={})
-    full = train(model, proc, cfg, tmp_path / "full", **common)
-    part = train(model, proc, cfg, tmp_path / "part", stop_after=7, **common)
+    full = train(RunConfig("unet", model, proc, cfg), tmp_path / "full", **common)
+    part = train(RunConfig("unet", model, proc, cfg), tmp_path / "part", stop_after=7, **common)
     assert part.steps_done == 7
-    resumed = train(model, proc, cfg, tmp_path / "part", resume=True, **common)
+    resumed = train(RunConfig("unet", model, proc, cfg), tmp_path / "part", resume=True, **common)
     assert resumed.steps_done == full.steps_done == 12
     a, b = _weights(tmp_path / "full" / "last.safetensors"), _weights(tmp_path / "part" / "last.safetensors")
     assert a.keys() == b.keys()
@@ -75,10 +77,10 @@ def test_resume_refuses_other_settings(tmp_path):
     g = draw_grammar(2, 2, 4, 2, seed=0)
     tr, va = _data(g, 12, 4)
     model, proc, cfg = _configs(g)
-    train(model, proc, cfg, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, stop_after=3)
+    train(RunConfig("unet", model, proc, cfg), tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, stop_after=3)
     _, _, other = _configs(g, lr=0.3)
     with pytest.raises(ConfigError, match="different training settings"):
-        train(model, proc, other, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, resume=True)
+        train(RunConfig("unet", model, proc, other), tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={}, resume=True)
 
 
 def test_early_stopping_keeps_the_best_model(tmp_path, monkeypatch):
@@ -87,7 +89,7 @@ def test_early_stopping_keeps_the_best_model(tmp_path, monkeypatch):
     model, proc, cfg = _configs(g, steps=40, patience=2)
     losses = iter([3.0, 1.0, 2.0, 2.5, 0.1])
     monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(losses), "val_elbo_bits": 0.0})
-    result = train(model, proc, cfg, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    result = train(RunConfig("unet", model, proc, cfg), tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={})
     assert result.stopped_early and result.steps_done == 16 and result.best_step == 8
     meta = json.loads(_header(tmp_path / "model.safetensors")["__metadata__"]["cgtools"])
     assert meta["step"] == 8 and meta["best_val_loss"] == 1.0
@@ -103,7 +105,7 @@ def test_checkpoints_are_safetensors_and_sample_needs_nothing_else(tmp_path):
     g = draw_grammar(2, 2, 4, 2, seed=0)
     tr, va = _data(g, 12, 4)
     model, proc, cfg = _configs(g, steps=10, checkpoints_per_decade=2)
-    train(model, proc, cfg, tmp_path / "run", train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    train(RunConfig("unet", model, proc, cfg), tmp_path / "run", train_tokens=tr, val_tokens=va, grammar=g, provenance={})
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == [f"step_{s:08d}.safetensors" for s in sorted(log_spaced_steps(10, 2))]
     for path in [tmp_path / "run" / "model.safetensors", tmp_path / "run" / "last.safetensors",
@@ -111,7 +113,8 @@ def test_checkpoints_are_safetensors_and_sample_needs_nothing_else(tmp_path):
         raw = path.read_bytes()
         assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")  # not a pickle / torch zip
         meta = json.loads(_header(path)["__metadata__"]["cgtools"])
-        assert meta["schema"] == "checkpoint/1" and meta["grammar"]["vocab"] == 4
+        assert meta["schema"] == "checkpoint/2" and meta["grammar"]["vocab"] == 4
+        assert meta["arch"] == "unet"
     out = tmp_path / "s.parquet"
     res = runner.invoke(app, ["sample", str(tmp_path / "run" / "model.safetensors"), "-n", "5", "--steps", "4", "-o", str(out)])
     assert res.exit_code == 0, res.stderr
@@ -138,6 +141,14 @@ def test_online_batches_are_fresh_and_never_validation():
     val_rows = {tuple(r) for r in val.tolist()}
     assert rows and not rows & val_rows and len(rows) == 8  # exactly the 8 other sentences
     assert not torch.equal(data.batch(0), data.batch(1))
+
+
+def resolve_configs(preset, process, vocab, depth, branching, process_flags, model_flags, train_flags):
+    """(model, process, train) configs of a preset with explicit settings, for an RHM (v, L, s)."""
+    run = resolve_run(preset, process=process, arch="unet",
+                      data=DataSpec(vocab=vocab, length=branching**depth, depth=depth, branching=branching),
+                      settings={**process_flags, **model_flags, **train_flags})
+    return run.model, run.process, run.train
 
 
 def test_presets_and_flags():

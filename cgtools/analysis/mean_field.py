@@ -50,6 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cgtools.diffusion.base import Process
 from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import check_parameters
 
@@ -111,17 +112,15 @@ def _combine(p: float, q: float, k: int) -> float:
     return num / (num + (1 - p) * (1 - q) / (k - 1))
 
 
-def leaf_belief(noise: float, vocab: int, process: str = "uniform") -> float:
-    """Average BP belief p_0 in the clean token at noise E (see the module docstring)."""
-    eps = noise * (vocab - 1) / vocab
-    if process == "masked":
-        return 1.0 - eps
-    if process != "uniform":
-        raise ConfigError(f"unknown noise process {process!r}; expected uniform or masked")
-    return (1.0 - eps) ** 2 + eps**2 / (vocab - 1)
+def leaf_belief(noise: float, vocab: int, process: Process) -> float:
+    """Average BP belief p_0 in the clean token at noise E (see the module docstring): the noise
+    process's own formula (Process.mean_leaf_belief) for v = `vocab` symbols."""
+    if getattr(process, "vocab", vocab) != vocab:
+        raise ConfigError(f"the noise process has {process.vocab} symbols, the grammar v = {vocab}")
+    return process.mean_leaf_belief(noise)
 
 
-def _noise_for_belief(p: float, vocab: int, process: str) -> float | None:
+def _noise_for_belief(p: float, vocab: int, process: Process) -> float | None:
     """Inverse of leaf_belief on [0, 1] (decreasing); None when p is out of its range."""
     lo, hi = leaf_belief(1.0, vocab, process), leaf_belief(0.0, vocab, process)
     if not lo <= p <= hi:
@@ -137,7 +136,7 @@ def _noise_for_belief(p: float, vocab: int, process: str) -> float | None:
 
 
 def beliefs(noise: float, depth: int, branching: int, vocab: int, synonyms: int,
-            n_classes: int | None = None, process: str = "uniform") -> dict:
+            n_classes: int | None, process: Process) -> dict:
     """Mean-field beliefs at one noise level: lists over levels l = 0..L of the upward belief p_l,
     outside belief q_l and marginal belief r_l (probability that a posterior sample keeps a node)."""
     n = vocab if n_classes is None else n_classes
@@ -175,7 +174,7 @@ def fixed_points(branching: int, vocab: int, synonyms: int, resolution: int = 20
     return points + [1.0]
 
 
-def critical_noise(branching: int, vocab: int, synonyms: int, process: str = "uniform") -> float | None:
+def critical_noise(branching: int, vocab: int, synonyms: int, process: Process) -> float | None:
     """E_c of the L → ∞ transition: the noise whose leaf belief sits on the unstable fixed point
     between 1/v and 1 (None when there is none: no transition)."""
     points = fixed_points(branching, vocab, synonyms)
@@ -186,8 +185,8 @@ def critical_noise(branching: int, vocab: int, synonyms: int, process: str = "un
 
 
 def transition_noise(depth: int, branching: int, vocab: int, synonyms: int,
-                     n_classes: int | None = None, level: int | None = None,
-                     process: str = "uniform") -> float:
+                     n_classes: int | None = None, level: int | None = None, *,
+                     process: Process) -> float:
     """Noise at which the mean-field kept probability of `level` (default: the root) is halfway
     between 1 (E = 0) and its E = 1 value (bisection; the curve decreases with E)."""
     level = depth if level is None else level
@@ -204,8 +203,8 @@ def transition_noise(depth: int, branching: int, vocab: int, synonyms: int,
     return 0.5 * (a + b)
 
 
-def mean_field(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None = None,
-               noise: Sequence[float] = (0.0,), process: str = "uniform") -> dict:
+def mean_field(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None,
+               noise: Sequence[float], process: Process) -> dict:
     """The mean-field prediction on a noise grid, JSON-ready.
 
     Keys: "process", "noise"; per noise level lists over l = 0..L: "changed" (1 - r_l), "kept"
@@ -218,7 +217,7 @@ def mean_field(depth: int, branching: int, vocab: int, synonyms: int, n_classes:
         raise ConfigError("the mean-field theory needs v >= 2")
     rows = [beliefs(float(e), depth, branching, vocab, synonyms, n, process) for e in noise]
     return {
-        "process": process,
+        "process": process.name,
         "noise": [float(e) for e in noise],
         "changed": [[1.0 - r for r in row["kept"]] for row in rows],
         "kept": [row["kept"] for row in rows],

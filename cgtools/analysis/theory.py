@@ -18,16 +18,18 @@ import math
 from typing import Sequence
 
 from cgtools.analysis.mean_field import mean_field
+from cgtools.diffusion.base import Process
+from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import check_parameters
 
 
 def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None = None,
-           noise_grid: Sequence[float] | None = None, process: str = "uniform") -> dict:
+           noise_grid: Sequence[float] | None = None, process: Process | None = None) -> dict:
     """All predictions as a JSON-ready dict (None where a quantity is infinite or undefined).
 
     With `noise_grid`, the entry "mean_field" holds the mean-field prediction of the
-    forward-backward experiment on those noise levels for the noise `process` ("uniform" or
-    "masked"; cgtools.analysis.mean_field.mean_field).
+    forward-backward experiment on those noise levels for the noise `process` (a token Process
+    over v symbols; cgtools.analysis.mean_field.mean_field).
     """
     L, s, v, m = depth, branching, vocab, synonyms
     n = v if n_classes is None else n_classes
@@ -63,6 +65,8 @@ def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int
         "correlation_finite_v": finite,
     }
     if noise_grid is not None:
+        if process is None:
+            raise ConfigError("the mean-field prediction needs a noise process")
         out["mean_field"] = mean_field(L, s, v, m, n, noise_grid, process)
     return out
 

@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, JsonOpt, SeedOpt
+from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, JsonOpt, SeedOpt, TagOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
-from cgtools.errors import InputError
 from cgtools.formats.files import open_input
+from cgtools.formats.results import parse_tags
 
 
 def forward_backward(
     data: Annotated[str, typer.Argument(help="Clean sentences: a sequences table ('-' = stdin).", metavar="DATA")] = "-",
     noise: Annotated[str, typer.Option("--noise", "-e", help="Noise E in [0,1]: one value, a list 0.1,0.2 or a range START:STOP:COUNT (sweep).", metavar="SPEC")] = "0.5",
-    process: Annotated[str, typer.Option("--process", help="'uniform': tokens redrawn uniformly with probability E; 'masked': masked with probability E.")] = "uniform",
+    process: Annotated[Optional[str], typer.Option("--process", help="'uniform': tokens redrawn uniformly with probability E; 'masked': masked with probability E [default: the checkpoint's with --denoiser CKPT, else uniform].")] = None,
     denoiser: Annotated[str, typer.Option("--denoiser", help="'bp' (exact belief propagation) or a checkpoint written by `cgtools train` (RUN_DIR/model.safetensors).", metavar="bp|CKPT")] = "bp",
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Model only: respaced reverse steps (uniform: K of the T levels; masked: N grid points); the reverse pass starts at E's level and visits the grid points below it (default: every level).", metavar="K")] = None,
     device: Annotated[str, typer.Option("--device", help="Model only: 'cpu' or 'cuda' (random numbers are drawn on the CPU either way).")] = "cpu",
@@ -28,6 +28,7 @@ def forward_backward(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch intra-op threads (default: torch's choice; 1 is often faster when other jobs share the cores).")] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write one row per noise level to this Parquet table ('-' = stdout).", metavar="FILE")] = None,
+    tag: TagOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Forward-backward experiment: noise each clean sentence to level E, draw a clean sentence
@@ -45,8 +46,9 @@ def forward_backward(
 
     With --denoiser CKPT the model's reverse process starts from the noisy sentence: uniform at
     the level t whose corruption 1 - ᾱ_t is closest to E (t = 0, i.e. E < (1 - ᾱ_1)/2, returns
-    x_t unchanged), masked at the time with 1 - α(t) = E. --process must be the model's;
-    its training grammar must be DATA's unless --grammar is given. The latents of an
+    x_t unchanged), masked at the time with 1 - α(t) = E; the tokens are corrupted at exactly E,
+    by the same library function as `sample --from`. The process is the checkpoint's (--process
+    may only repeat it); its training grammar must be DATA's unless --grammar is given. The latents of an
     ungrammatical denoised sentence count as changed. The table records the checkpoint (path and
     sha256).
 
@@ -59,15 +61,16 @@ def forward_backward(
       cgtools forward-backward data.parquet --noise 0:1:21 --denoiser run/model.safetensors -o fb.parquet
     """
     from cgtools.analysis.mean_field import noise_grid
-    from cgtools.formats.grammar_file import load_grammar
+    from cgtools.diffusion.registry import make_process, process_names
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
+    from cgtools.grammar.source import resolve_grammar
     from cgtools.inference.forward_backward import (CORRELATION_MODES, forward_backward as run,
                                                     results_table_write)
-    from cgtools.inference.bp import PROCESSES
+    from cgtools.training.presets import DEFAULT_PRESET, process_config
 
-    if process not in PROCESSES:
-        raise typer.BadParameter(f"must be one of {', '.join(PROCESSES)}", param_hint="--process")
+    if process is not None and process not in process_names():
+        raise typer.BadParameter(f"must be one of {', '.join(process_names())}", param_hint="--process")
     if correlation not in CORRELATION_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(CORRELATION_MODES)}", param_hint="--correlation")
     use_model = denoiser != "bp"
@@ -94,9 +97,7 @@ def forward_backward(
     source = open_input(data)
     table = SequencesTable(source)
     gsource = open_input(grammar) if grammar is not None else None
-    g = load_grammar(gsource) if gsource is not None else table.grammar()
-    if g is None:
-        raise InputError(f"{source.display()} carries no grammar; give --grammar FILE")
+    g = resolve_grammar(gsource, table)
     sources = [source] + ([gsource] if gsource else [])
     sampler = None
     meta: dict = {"denoiser": "bp"}
@@ -107,17 +108,20 @@ def forward_backward(
         csource = open_input(denoiser)
         sources.append(csource)
         model = load_model(denoiser, device=device)
-        check_model(model, g, process, where=csource.display(), data=source.display(),  # type: ignore[arg-type]
+        check_model(model, g, process, where=csource.display(), data=source.display(),
                     same_grammar=gsource is None)
+        noise_process = model.process
         sampler = model_sampler(model, g, steps=steps, device=device)
         meta = {"denoiser": csource.display(), "model": sampler.info()}
+    else:
+        noise_process = make_process(process_config(DEFAULT_PRESET, process or "uniform"), g.vocab)
     batches = _limited(table.iter_column(length=g.length), num)
     total = table.num_rows if num is None else min(num, table.num_rows)
-    results = run(g, batches, noises, process, seed=seed, repeats=repeats, correlation=correlation,
+    results = run(g, batches, noises, noise_process, seed=seed, repeats=repeats, correlation=correlation,
                   sampler=sampler, total=total, where=source.display())  # type: ignore[arg-type]
     if out is not None:
         prov = provenance("forward-backward", seed, sources)
-        results_table_write(results, g, out, force, prov, repeats=repeats, **meta)
+        results_table_write(results, g, out, force, prov, tags=parse_tags(tag), repeats=repeats, **meta)
     if json_out:
         for r in results:
             emit_json(r.to_json())

@@ -10,10 +10,9 @@ import typer
 from cgtools.analysis.accuracy import measure_accuracy as measure
 from cgtools.cli.options import BatchOpt, GrammarOpt, JsonOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
-from cgtools.errors import InputError
 from cgtools.formats.files import open_input
-from cgtools.formats.grammar_file import load_grammar
 from cgtools.formats.sequences import SequencesTable
+from cgtools.grammar.source import resolve_grammar
 
 
 def measure_accuracy(
@@ -37,9 +36,7 @@ def measure_accuracy(
       cgtools measure-accuracy samples.parquet --json
     """
     table = SequencesTable(open_input(seqs))
-    g = load_grammar(open_input(grammar)) if grammar is not None else table.grammar()
-    if g is None:
-        raise InputError(f"{table.source.display()} carries no grammar; give --grammar FILE")
+    g = resolve_grammar(open_input(grammar) if grammar is not None else None, table)
     train_tokens = None
     if train is not None:
         train_table = SequencesTable(open_input(train))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -15,6 +15,11 @@ GrammarOpt = Annotated[
     Optional[Path],
     typer.Option("--grammar", "-g", help="Grammar source: a sequences table or a grammar/checkpoint "
                  "safetensors file (default: the grammar in the input's metadata).", metavar="FILE"),
+]
+TagOpt = Annotated[
+    Optional[List[str]],
+    typer.Option("--tag", help="Label the results table with KEY=VALUE (repeatable), e.g. --tag P=512 --tag seed=0; "
+                 "tags become columns, so the tables of a sweep concatenate.", metavar="KEY=VALUE"),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per batch (memory vs speed).")]
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, OutOpt, SeedOpt
-from cgtools.errors import ConfigError, InputError
+from cgtools.errors import ConfigError
 
 Opt = typer.Option
 
@@ -25,9 +25,10 @@ def sample(
     denoiser: Annotated[str, Opt("--denoiser", help="'model' (the checkpoint) or 'bp' (exact belief propagation on the grammar).")] = "model",
     bp_output: Annotated[str, Opt("--bp-output", help="BP x0 prediction: 'cavity' (loss-optimal) or 'marginal' (double counts a token's own evidence).")] = "cavity",
     grammar: GrammarOpt = None,
-    process: Annotated[Optional[str], Opt("--process", help="With --denoiser bp and no CKPT: 'uniform' or 'masked'.")] = None,
-    T: Annotated[Optional[int], Opt("--T", min=1, help="With --denoiser bp and no CKPT: noise levels [default: 200].")] = None,
-    schedule: Annotated[Optional[str], Opt("--schedule", help="With --denoiser bp and no CKPT: the noise schedule.")] = None,
+    process: Annotated[Optional[str], Opt("--process", help="With --denoiser bp and no CKPT: 'uniform' or 'masked' (a CKPT knows its own).")] = None,
+    preset: Annotated[str, Opt("--preset", help="With --denoiser bp and no CKPT: the preset whose process settings to use.")] = "cpu",
+    T: Annotated[Optional[int], Opt("--T", min=1, help="With --denoiser bp and no CKPT: noise levels [default: the preset's, cpu: 100].")] = None,
+    schedule: Annotated[Optional[str], Opt("--schedule", help="With --denoiser bp and no CKPT: the noise schedule [default: the preset's].")] = None,
     from_data: Annotated[Optional[Path], Opt("--from", help="Forward-backward: corrupt these sentences to --noise and denoise them.", metavar="DATA")] = None,
     noise: Annotated[Optional[float], Opt("--noise", min=0.0, max=1.0, help="Corruption E in [0, 1] for --from.")] = None,
     raw_weights: Annotated[bool, Opt("--raw-weights", help="Use the raw weights even if the checkpoint holds a weight average.")] = False,
@@ -48,12 +49,12 @@ def sample(
 
       cgtools sample run/model.safetensors --from val.parquet --noise 0.5 -o fb.parquet
     """
-    from cgtools.diffusion import UniformConfig, MaskedConfig
     from cgtools.formats.files import check_output, open_input
-    from cgtools.formats.grammar_file import load_grammar
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
+    from cgtools.grammar.source import resolve_grammar
     from cgtools.training.generate import SampleConfig, exact_model, generate, write_samples
+    from cgtools.training.presets import process_config
     from cgtools.training.trained import load_model
 
     if (from_data is None) == (num is None):
@@ -69,35 +70,28 @@ def sample(
     if ckpt is not None:
         sources.append(open_input(ckpt))
         model = load_model(str(ckpt), device=device, use_ema=not raw_weights)
+        if process is not None and process != model.process.name:
+            raise ConfigError(f"{ckpt} was trained with {model.process.name} diffusion, not --process {process}")
     elif denoiser == "model":
         raise typer.BadParameter("a checkpoint is needed unless --denoiser bp", param_hint="CKPT")
-    g = model.grammar if model is not None else None
-    if grammar is not None:
-        src = open_input(grammar)
-        sources.append(src)
-        g = load_grammar(src)
+    gsource = open_input(grammar) if grammar is not None else None
+    if gsource is not None:
+        sources.append(gsource)
+    g = resolve_grammar(gsource, model, required=denoiser == "bp")
     if denoiser == "bp":
-        if g is None:
-            raise InputError("--denoiser bp needs a grammar (--grammar FILE, or a checkpoint with one)")
         if model is not None:
             proc_cfg = model.process.config
-        elif (process or "uniform") == "uniform":
-            proc_cfg = UniformConfig(T=T or 200, schedule=schedule or "linear-alpha")
-        elif process == "masked":
-            proc_cfg = MaskedConfig(schedule=schedule or "linear", T=T)
         else:
-            raise ConfigError(f"--process must be 'uniform' or 'masked', got {process!r}")
+            proc_cfg = process_config(preset, process or "uniform", {"T": T, "schedule": schedule})
         model = exact_model(g, proc_cfg, kind=bp_output, device=device)
     tokens = None
     if from_data is not None:
         src = open_input(from_data)
         sources.append(src)
-        length = g.length if g is not None else model.network.config.length
-        tokens = SequencesTable(src).read_column(length=length)
+        tokens = SequencesTable(src).read_column(length=model.length)
     cfg = SampleConfig(num=num or 0, seed=seed, steps=steps, batch_size=batch_size, final_step=final,
                        cache=cache, noise=noise)
     result = generate(model, cfg, from_tokens=tokens, device=device)
     extra = {"sampler": {"denoiser": denoiser if denoiser == "model" else f"bp-{bp_output}",
-                         "steps": steps, "noise": noise, "process": model.process.config.to_dict()}}
-    vocab = g.vocab if g is not None else model.network.config.vocab
-    write_samples(result, g, vocab, out, force, provenance("sample", seed, sources), **extra)
+                         "steps": steps, "noise": noise, "process": model.process.describe()}}
+    write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources), **extra)

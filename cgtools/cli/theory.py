@@ -37,14 +37,17 @@ def theory(
 
       cgtools theory -L 4 -s 2 -v 32 -m 4 --noise-grid 0:1:11 --json
     """
-    if process not in ("uniform", "masked"):
-        raise typer.BadParameter("must be 'uniform' or 'masked'", param_hint="--process")
-    grid = None
+    grid = noise_process = None
     if noise_grid is not None:
         from cgtools.analysis.mean_field import noise_grid as parse_grid
+        from cgtools.diffusion.registry import make_process, process_names
+        from cgtools.training.presets import DEFAULT_PRESET, process_config
 
+        if process not in process_names():
+            raise typer.BadParameter(f"must be one of {', '.join(process_names())}", param_hint="--process")
         grid = parse_grid(noise_grid)
-    t = predict(depth, branching, vocab, synonyms, n_classes, grid, process)
+        noise_process = make_process(process_config(DEFAULT_PRESET, process), vocab)
+    t = predict(depth, branching, vocab, synonyms, n_classes, grid, noise_process)
     if json_out:
         emit_json(t)
         return

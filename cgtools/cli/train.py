@@ -1,4 +1,4 @@
-"""`cgtools train`: train a discrete diffusion model (the paper's U-Net) on RHM sentences."""
+"""`cgtools train`: train a diffusion model on a sequences table (RHM sentences, or any tokens)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from cgtools.cli.options import check_device, ForceOpt
-from cgtools.errors import InputError
 
 Opt = typer.Option
 
 
 def train(
-    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar is used for checks and --online).")],
+    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar, if any, is used for checks, sample checks and --online).")],
     val: Annotated[Path, Opt("--val", help="Validation sequences table (disjoint from DATA).", metavar="FILE")],
     out: Annotated[Path, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
     preset: Annotated[str, Opt("--preset", help="Defaults: 'cpu' (fast on CPU), 'paper' (the paper's text) or 'reference-code' (the authors' public code). Explicit flags override.")] = "cpu",
     process: Annotated[str, Opt("--process", help="Noise process: 'uniform' (D3PM) or 'masked' (MD4).")] = "uniform",
-    arch: Annotated[str, Opt("--arch", help="Network: 'unet' (the paper's 1-D U-Net).")] = "unet",
+    arch: Annotated[str, Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net).")] = "unet",
     width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (paper: 8192).")] = None,
     steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [preset cpu: 6000; paper, reference-code: 10000].")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
@@ -72,35 +71,27 @@ def train(
     from cgtools.formats.files import open_input
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
-    from cgtools.training.config import resolve_configs
+    from cgtools.models.registry import architecture_names
     from cgtools.training.loop import train as run_training
+    from cgtools.training.presets import resolve_run
+    from cgtools.training.source import training_data
 
-    if arch != "unet":
-        raise typer.BadParameter("only 'unet' is available", param_hint="--arch")
+    if arch not in architecture_names():
+        raise typer.BadParameter(f"must be one of {', '.join(architecture_names())}", param_hint="--arch")
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
     sources = [open_input(data), open_input(val)]
     table, val_table = (SequencesTable(s) for s in sources)
-    grammar = table.grammar()
-    if grammar is None:
-        raise InputError(f"{data} carries no grammar (train on an rhm-gen table)")
-    other = val_table.grammar()
-    if other is not None and not other.same_rules(grammar):
-        raise InputError(f"{val} was drawn from a different grammar than {data}")
-    model_cfg, proc_cfg, train_cfg = resolve_configs(
-        preset, process, grammar.vocab, grammar.depth, grammar.branching,
-        {"T": T, "schedule": schedule, "beta_min": beta_min, "beta_max": beta_max,
-         "lambda_ce": lambda_ce, "time_conditioning": time_conditioning},
-        {"width": width, "time_embedding": time_embedding, "skip": skip, "norm": norm,
-         "input_mode": input_mode},
-        {"steps": steps, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
-         "momentum": momentum, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
-         "decay_start": decay_start, "warmup": warmup, "ema": ema, "eval_every": eval_every,
-         "patience": patience, "sample_check": sample_check, "sample_steps": sample_steps,
-         "seed": seed, "online": online or None})
-    run_training(model_cfg, proc_cfg, train_cfg, out,
-                 train_tokens=table.read_column(length=grammar.length),
-                 val_tokens=val_table.read_column(length=grammar.length), grammar=grammar,
-                 provenance=provenance("train", train_cfg.seed, sources), device=device,
-                 resume=resume, force=force)
+    data_set = training_data(table, val_table)
+    settings = dict(
+        width=width, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, lr_schedule=lr_schedule, decay_start=decay_start, warmup=warmup,
+        ema=ema, T=T, schedule=schedule, beta_min=beta_min, beta_max=beta_max, lambda_ce=lambda_ce,
+        time_conditioning=time_conditioning, time_embedding=time_embedding, skip=skip, norm=norm,
+        input_mode=input_mode, online=online or None, eval_every=eval_every, patience=patience,
+        sample_check=sample_check, sample_steps=sample_steps, seed=seed)
+    run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
+    run_training(run, out, train_tokens=data_set.train, val_tokens=data_set.val,
+                 grammar=data_set.grammar, provenance=provenance("train", run.train.seed, sources),
+                 device=device, resume=resume, force=force)

@@ -1,4 +1,4 @@
-"""Discrete diffusion on token sequences: uniform D3PM and masked (MD4-style) noise processes.
+"""Noise processes for diffusion: uniform D3PM and masked (MD4-style), behind one interface.
 
 Typical use (training; shapes B × d, K symbols)::
 
@@ -10,44 +10,23 @@ Typical use (training; shapes B × d, K symbols)::
     terms.loss.mean().backward()                  # log terms.elbo_bits.mean() for validation
 
 and sampling: ``sample(process, network_denoiser(net, process), N, d, gen, steps=...)``.
+Processes are registered by name in :mod:`cgtools.diffusion.registry`.
 Formulas and every choice made where the paper is silent: docs/diffusion.md.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-from cgtools.diffusion.base import Denoiser, LossTerms, Process, logits_denoiser, network_denoiser
+from cgtools.diffusion.base import (CategoricalProcess, Denoiser, LossTerms, Process, ProcessConfig,
+                                    logits_denoiser, network_denoiser)
 from cgtools.diffusion.masked import MaskedConfig, MaskedDiffusion
+from cgtools.diffusion.registry import (PROCESSES, config_from_json, make_config, make_process,
+                                        process_class, process_from_json, process_names)
 from cgtools.diffusion.sampling import denoise, draw_categorical, forward_backward, sample
 from cgtools.diffusion.uniform import UniformConfig, UniformDiffusion
-from cgtools.errors import ConfigError
-
-_CONFIGS = {"uniform": UniformConfig, "masked": MaskedConfig}
-
-
-def config_from_json(text: str | dict[str, Any]) -> UniformConfig | MaskedConfig:
-    """The process config saved by ``config.to_json()``, dispatched on its "process" tag."""
-    obj = json.loads(text) if isinstance(text, str) else dict(text)
-    kind = obj.get("process")
-    if kind not in _CONFIGS:
-        raise ConfigError(f"unknown diffusion process {kind!r}; expected one of {', '.join(_CONFIGS)}")
-    return _CONFIGS[kind].from_json(obj)
-
-
-def make_process(config: UniformConfig | MaskedConfig, vocab: int,
-                 device: str = "cpu") -> UniformDiffusion | MaskedDiffusion:
-    """The process object for a config and a vocabulary of K = `vocab` real symbols."""
-    if isinstance(config, UniformConfig):
-        return UniformDiffusion(config, vocab, device)
-    if isinstance(config, MaskedConfig):
-        return MaskedDiffusion(config, vocab, device)
-    raise ConfigError(f"not a diffusion config: {type(config).__name__}")
-
 
 __all__ = [
-    "Denoiser", "LossTerms", "MaskedConfig", "MaskedDiffusion", "Process", "UniformConfig",
-    "UniformDiffusion", "config_from_json", "denoise", "draw_categorical", "forward_backward",
-    "logits_denoiser", "make_process", "network_denoiser", "sample",
+    "CategoricalProcess", "Denoiser", "LossTerms", "MaskedConfig", "MaskedDiffusion", "PROCESSES",
+    "Process", "ProcessConfig", "UniformConfig", "UniformDiffusion", "config_from_json", "denoise",
+    "draw_categorical", "forward_backward", "logits_denoiser", "make_config", "make_process",
+    "network_denoiser", "process_class", "process_from_json", "process_names", "sample",
 ]

@@ -1,4 +1,4 @@
-"""The small interface shared by the noise processes, and the pieces both use.
+"""The Process interface every noise process implements, and the pieces they share.
 
 Shapes: B = batch, d = positions, K = real symbols (the vocabulary of the data; the masked
 process adds a mask id K to its *input* vocabulary only).
@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from cgtools.errors import ConfigError
+from cgtools.errors import ConfigError, InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,8 +44,9 @@ class LossTerms:
     elbo_bits: torch.Tensor
 
 
-class ConfigJson:
-    """to_json/from_json for frozen config dataclasses; the JSON carries a "process" tag."""
+class ProcessConfig:
+    """to_json/from_json for frozen process-config dataclasses; the JSON carries a "process" tag
+    (the registry name of the process the config belongs to)."""
 
     process: str = ""
 
@@ -69,58 +71,161 @@ class ConfigJson:
         return cls(**obj)
 
 
-@runtime_checkable
-class Process(Protocol):
-    """What a training loop and the samplers need from a noise process."""
+ConfigJson = ProcessConfig  # the name used before the Process interface (kept for readers)
 
-    kind: str  # "uniform" or "masked"
-    vocab: int  # K, symbols the denoiser predicts
-    input_vocab: int  # ids x_t may hold: K (uniform) or K + 1 (masked, mask id = K)
-    config: ConfigJson
+
+class Process(ABC):
+    """A noise process: everything training, sampling, forward-backward and exact inference need.
+
+    Subclasses implement every abstract method, set `name` (their registry key, also the
+    "process" tag of their config) and `Config` (their config dataclass), and are listed in
+    cgtools.diffusion.registry. Nothing here assumes categorical data: `x` is whatever tensor the
+    process corrupts (token ids [B, d] for the categorical processes, floats for a Gaussian one).
+
+    Time: `t` is the process's own time ([B] tensor: long levels for a discrete-time process,
+    float64 for a continuous one); networks see `network_time(t)` (float32 in [0, 1]).
+    Corruption E(t) in [0, 1] is the fraction of the signal destroyed at t (the probability a
+    token was redrawn or masked); `corrupt(x0, E)` draws x_t at exactly E, and the reverse
+    process started at `time_for_corruption(E)` denoises it.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[ProcessConfig]]
+    #: The last reverse step's rule when the caller does not choose ("argmax" or "sample").
+    default_final_step: ClassVar[str] = "sample"
+
+    config: ProcessConfig
     device: torch.device
 
+    # ---- construction ------------------------------------------------------------------------
+    @abstractmethod
     def to(self, device: torch.device | str) -> "Process":
         """The same process with its tables on `device`."""
-        ...
 
+    def describe(self) -> dict[str, Any]:
+        """The config as a JSON object (with its "process" tag), for metadata."""
+        return self.config.to_dict()
+
+    # ---- time ----------------------------------------------------------------------------------
+    @abstractmethod
     def sample_t(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Training times [B]: long levels 1..T (uniform) or float64 times (masked)."""
-        ...
+        """Training times [B]."""
 
+    @abstractmethod
+    def corruption(self, t: torch.Tensor) -> torch.Tensor:
+        """E(t) [B] float64."""
+
+    @abstractmethod
+    def time_for_corruption(self, e: float) -> float | int:
+        """The time whose corruption is (closest to) e; 0 means no corruption at all."""
+
+    @abstractmethod
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The float32 [B] time in [0, 1] a network embeds."""
+
+    @abstractmethod
+    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
+        """E at the network time τ = network_time(t) [B] (inverse of network_time, then E)."""
+
+    @abstractmethod
+    def time_grid(self, steps: int | None = None) -> list:
+        """Reverse-process times, descending from the start; the end (0) is implicit."""
+
+    @abstractmethod
+    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
+        """A time tensor [B] holding `value` (a grid point) in this process's time dtype."""
+
+    # ---- forward process -----------------------------------------------------------------------
+    @abstractmethod
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """x_t ~ q(x_t | x0): x0 [B, d] long, t [B] -> [B, d] long."""
-        ...
+        """x_t ~ q(x_t | x0) at times t [B]."""
 
+    @abstractmethod
+    def corrupt(self, x0: torch.Tensor, noise: float | torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """x_t at corruption exactly E = `noise` (a float or one value per row [B])."""
+
+    @abstractmethod
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator,
                      device: torch.device | str | None = None) -> torch.Tensor:
-        """x at the start of the reverse process, long of `shape`."""
-        ...
+        """x at the start of the reverse process."""
 
-    def loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+    # ---- learning ------------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
              t: torch.Tensor) -> LossTerms:
-        """Per-example losses from logits or log p̂ [B, d, K] (log_softmax is applied)."""
-        ...
+        """Per-example losses from the network's prediction."""
 
-    def corruption(self, t: torch.Tensor) -> torch.Tensor:
-        """E(t) [B] float64: probability that a token has been redrawn (uniform) or masked."""
-        ...
-
-    def time_for_corruption(self, e: float) -> float | int:
-        """The time whose corruption is (closest to) e."""
-        ...
-
-    def network_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The float32 [B] time in [0, 1] a network should embed (t/T uniform, t masked)."""
-        ...
-
-    def time_grid(self, steps: int | None = None) -> list:
-        """Reverse-process times, descending from the start level; the end (0) is implicit."""
-        ...
-
+    @abstractmethod
     def bound(self, denoiser: Denoiser, x0: torch.Tensor, generator: torch.Generator,
               steps: int | None = None) -> torch.Tensor:
-        """Every term of the (respaced) bound, one x_t draw each: [B] nats per sequence."""
-        ...
+        """Every term of the (respaced) bound, one x_t draw each: [B] nats per example."""
+
+    # ---- reverse process -----------------------------------------------------------------------
+    def check_final_step(self, final_step: str | None) -> str:
+        """`final_step`, or this process's default; ConfigError for an unknown rule."""
+        if final_step is None:
+            return self.default_final_step
+        if final_step not in ("argmax", "sample"):
+            raise ConfigError(f"final_step must be 'argmax' or 'sample', got {final_step!r}")
+        return final_step
+
+    @abstractmethod
+    def reverse(self, denoiser: Denoiser, x: torch.Tensor, grid: list, generator: torch.Generator,
+                *, final_step: str, cache: bool | None = None, bar=None) -> torch.Tensor:
+        """Run the reverse process on one batch from grid[0] through the rest of `grid` to 0.
+
+        cache: skip the denoiser for rows that did not change (only where that is exact; a
+        process that cannot do it raises ConfigError when cache is True). bar: a progress bar
+        advanced once per step.
+        """
+
+    # ---- exact inference (processes whose posterior BP can compute) -----------------------------
+    def leaf_evidence(self, x_t: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      *, symbols_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leaf likelihoods λ [B, d, v] = p(x_t_i | x0_i = a) of an observation at corruption E
+        [B] ([v, d, B] with symbols_first, the layout BP works in), and the constant log term [B]
+        float64 they leave out of log P(x_t)."""
+        raise ConfigError(f"exact inference (belief propagation) is not available for {self.name} noise")
+
+    def mean_leaf_belief(self, noise: float) -> float:
+        """Average BP belief in the clean token at corruption E (mean-field theory)."""
+        raise ConfigError(f"the mean-field theory is not available for {self.name} noise")
+
+
+class CategoricalProcess(Process):
+    """A process on token ids: the denoiser predicts `vocab` symbols; x_t may hold `input_vocab`
+    ids (a mask id for absorbing noise)."""
+
+    vocab: int  # K, symbols the denoiser predicts
+    input_vocab: int  # ids x_t may hold
+    mask_id: int | None = None
+
+    def check_observation(self, x_t: torch.Tensor) -> None:
+        """InputError for observations that are not [B, d] ids in [0, input_vocab)."""
+        if x_t.ndim != 2:
+            raise InputError(f"observations must be [B, d] token ids, got shape {tuple(x_t.shape)}")
+        if x_t.numel() and (int(x_t.min()) < 0 or int(x_t.max()) >= self.input_vocab):
+            what = (f"[0, {self.vocab}] (mask id {self.mask_id})" if self.mask_id is not None
+                    else f"[0, {self.vocab})")
+            raise InputError(f"token ids must lie in {what}")
+
+    def check_clean(self, x0: torch.Tensor) -> None:
+        """ConfigError for clean data that is not long ids in [0, vocab)."""
+        check_tokens(x0, self.vocab, "x0")
+
+
+def noise_vector(noise: float | Sequence[float] | torch.Tensor, batch: int) -> torch.Tensor:
+    """Corruption levels E as a float64 CPU tensor [B], checked to lie in [0, 1]."""
+    e = torch.as_tensor(noise, dtype=torch.float64).cpu()
+    if e.ndim == 0:
+        e = e.expand(batch)
+    if e.shape != (batch,):
+        raise ConfigError(f"noise must be a scalar or have one value per sentence ({batch}), got shape "
+                          f"{tuple(e.shape)}")
+    if not torch.isfinite(e).all() or (e < 0).any() or (e > 1).any():
+        raise ConfigError("noise levels must lie in [0, 1]")
+    return e
 
 
 def logits_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Denoiser:
@@ -133,7 +238,7 @@ def logits_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 
 def network_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     process: "Process") -> Denoiser:
+                     process: Process) -> Denoiser:
     """The usual denoiser of a trained network: log_softmax(network(x_t, process.network_time(t)))."""
     return logits_denoiser(lambda x_t, t: network(x_t, process.network_time(t)))
 
@@ -168,3 +273,27 @@ def check_tokens(x: torch.Tensor, high: int, name: str) -> None:
         raise ConfigError(f"{name} must be a long tensor, got {x.dtype}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= high):
         raise ConfigError(f"{name} holds ids outside [0, {high})")
+
+
+def inverse_cdf_weights(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Category of each row at uniform u: weights [..., K] float64 >= 0 (unnormalised), u [...] -> long.
+
+    Category j owns [c_{j-1}, c_j) of the cumulative sums c scaled by u·c_K, so zero-weight
+    symbols are never drawn. Everything in float64: low-probability symbols keep their float64
+    frequency (float32 Gumbel tricks truncate them: Zheng et al. 2024).
+    """
+    cdf = torch.cumsum(weights, dim=-1)  # [..., K]
+    target = (u * cdf[..., -1]).unsqueeze(-1)  # [..., 1]
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    return idx.clamp_(max=weights.shape[-1] - 1)  # only reachable by rounding at u ≈ 1
+
+
+def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """As inverse_cdf_weights for log-probabilities (any scale; renormalised in float64)."""
+    return inverse_cdf_weights(torch.softmax(log_probs.to(torch.float64), dim=-1), u)
+
+
+def draw_categorical(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One float64 categorical draw per row of log_probs [..., K] -> long [...]."""
+    u = uniforms(log_probs.shape[:-1], generator, log_probs.device)
+    return inverse_cdf(log_probs, u)

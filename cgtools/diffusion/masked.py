@@ -29,13 +29,14 @@ from typing import Sequence
 
 import torch
 
-from cgtools.diffusion.base import ConfigJson, Denoiser, LossTerms, log_probs_of, uniforms
+from cgtools.diffusion.base import (CategoricalProcess, Denoiser, LossTerms, ProcessConfig, inverse_cdf,
+                                    log_probs_of, noise_vector, uniforms)
 from cgtools.diffusion.schedules import MASK_SCHEDULES, MaskSchedule
 from cgtools.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class MaskedConfig(ConfigJson):
+class MaskedConfig(ProcessConfig):
     """Settings of the masked process (see docs/diffusion.md).
 
     schedule: "linear" (α = 1 - t, MD4 default) or "cosine" (α = 1 - sin(πt/2)).
@@ -62,10 +63,12 @@ class MaskedConfig(ConfigJson):
             raise ConfigError(f"T must be >= 1 or None, got {self.T}")
 
 
-class MaskedDiffusion:
+class MaskedDiffusion(CategoricalProcess):
     """Absorbing-state diffusion over K symbols; inputs use K + 1 ids (mask id = K)."""
 
-    kind = "masked"
+    name = "masked"
+    Config = MaskedConfig
+    default_final_step = "sample"
 
     def __init__(self, config: MaskedConfig, vocab: int, device: torch.device | str = "cpu") -> None:
         if vocab < 1:
@@ -105,6 +108,14 @@ class MaskedDiffusion:
         """t as float32 [B] (feed it to a time embedding only if config.time_conditioning)."""
         return t.to(torch.float32)
 
+    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
+        """1 - α(τ), float64 [B] (the network sees t itself)."""
+        return self.corruption(torch.as_tensor(tau, dtype=torch.float64))
+
+    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
+        """Time `value` for every row: float64 [B]."""
+        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+
     def time_grid(self, steps: int | None = None) -> list[float]:
         """Descending times [1, (N-1)/N, ..., 1/N] (N = steps, default T or 1000); the end 0 is implicit."""
         n = (self.config.T or 1000) if steps is None else int(steps)
@@ -136,7 +147,15 @@ class MaskedDiffusion:
     # ---- forward process -----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """z_t: each token of x0 [B, d] masked (id K) with probability 1 - α(t), t [B]."""
-        mask_p = self.corruption(t).to(x0.device)  # [B] float64
+        return self._mask(x0, self.corruption(t).to(x0.device), generator)
+
+    def corrupt(self, x0: torch.Tensor, noise: float | torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """Each token of x0 [B, d] masked with probability exactly E = `noise` (float or [B])."""
+        self.check_clean(x0)
+        return self._mask(x0, noise_vector(noise, x0.shape[0]).to(x0.device), generator)
+
+    def _mask(self, x0: torch.Tensor, mask_p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         u = uniforms(x0.shape, generator, x0.device)  # [B, d]
         return torch.where(u < mask_p[:, None], torch.full_like(x0, self.mask_id), x0)
 
@@ -145,6 +164,77 @@ class MaskedDiffusion:
         """All-mask [shape] long (exactly q(z_1), since α(1) = 0)."""
         return torch.full(tuple(shape), self.mask_id, dtype=torch.long,
                           device=device if device is not None else self.device)
+
+    # ---- the sampler -----------------------------------------------------------------------------
+    def reverse(self, denoiser: Denoiser, x: torch.Tensor, grid: list[float], generator: torch.Generator,
+                *, final_step: str, cache: bool | None = None, bar=None) -> torch.Tensor:
+        """Ancestral unmasking on the times `grid` (descending) to 0.
+
+        cache (default: not config.time_conditioning): evaluate the denoiser only on rows that
+        changed since their last evaluation; exact when the denoiser ignores t and treats rows
+        independently. Every step draws one uniform per position whether or not the denoiser
+        runs, so the cached sampler reproduces the uncached one draw for draw.
+        """
+        use_cache = (not self.config.time_conditioning) if cache is None else bool(cache)
+        b = x.shape[0]
+        mask = self.mask_id
+        x = x.clone()
+        cached: torch.Tensor | None = None  # [B, d, K] last denoiser output per row
+        stale = torch.ones(b, dtype=torch.bool, device=x.device)  # row changed since its last evaluation
+        for i, level in enumerate(grid):
+            s_level = grid[i + 1] if i + 1 < len(grid) else 0.0
+            masked = x == mask  # [B, d]
+            t = self.full_time(level, b, x.device)
+            if not use_cache:
+                log_p_hat = denoiser(x, t)
+            else:
+                rows = torch.nonzero(stale & masked.any(-1)).squeeze(-1)  # rows needing a fresh output
+                if rows.numel():
+                    out = denoiser(x[rows], t[rows])
+                    if cached is None:
+                        cached = out.new_zeros((b, *out.shape[1:]))
+                    cached[rows] = out
+                    stale[rows] = False
+                log_p_hat = cached
+            # ρ in float64; exactly 1 at s = 0, so every masked position is revealed by the last step.
+            rho = float(self.unmask_probability(level, s_level))
+            u = uniforms(x.shape, generator, x.device)  # one uniform per position and step
+            reveal = masked & (u < rho)  # [B, d]
+            if log_p_hat is not None and bool(reveal.any()):
+                pos = reveal.nonzero(as_tuple=True)
+                chosen = log_p_hat[pos]  # [R, K], only the positions being revealed
+                if s_level == 0.0 and final_step == "argmax":
+                    symbols = chosen.argmax(-1)
+                else:
+                    # Conditional on u < ρ, u/ρ is uniform on [0, 1): reuse it to pick the symbol.
+                    v = torch.clamp(u[pos] / rho, max=math.nextafter(1.0, 0.0))
+                    symbols = inverse_cdf(chosen, v)
+                x[pos] = symbols
+                stale |= reveal.any(-1)
+            if bar is not None:
+                bar.advance()
+        return x
+
+    # ---- exact inference -------------------------------------------------------------------------
+    def leaf_evidence(self, x_t: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      *, symbols_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ = 1 for every symbol at a masked leaf, [a = x_t_i] at a kept one ([B, d, K], or
+        [K, d, B] with symbols_first), and the constant n_masked log E + n_kept log(1 - E) [B]
+        (0 log 0 = 0), so log P(x_t) is exact."""
+        self.check_observation(x_t)
+        e = noise_vector(noise, x_t.shape[0]).to(x_t.device)
+        masked = x_t == self.mask_id  # [B, d]
+        symbols = torch.arange(self.vocab, device=x_t.device)
+        if symbols_first:
+            lik = ((x_t.T.unsqueeze(0) == symbols.view(-1, 1, 1)) | masked.T.unsqueeze(0)).to(dtype)  # [K, d, B]
+        else:
+            lik = ((x_t.unsqueeze(-1) == symbols) | masked.unsqueeze(-1)).to(dtype)  # [B, d, K]
+        n_masked = masked.sum(1).to(torch.float64)
+        return lik, torch.xlogy(n_masked, e) + torch.xlogy(x_t.shape[1] - n_masked, 1 - e)
+
+    def mean_leaf_belief(self, noise: float) -> float:
+        """p_0 = 1 - E + E/K: the clean token is known, or the belief is uniform when masked."""
+        return 1.0 - noise * (self.vocab - 1) / self.vocab
 
     # ---- losses --------------------------------------------------------------------------------
     def masked_ce(self, log_p_hat: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:

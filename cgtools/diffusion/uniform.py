@@ -23,7 +23,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from cgtools.diffusion.base import (ConfigJson, Denoiser, LossTerms, log_probs_of, randint,
+from cgtools.diffusion.base import (CategoricalProcess, Denoiser, LossTerms, ProcessConfig,
+                                    inverse_cdf_weights, log_probs_of, noise_vector, randint,
                                     uniforms)
 from cgtools.diffusion.schedules import DISCRETE_SCHEDULES, log1mexp, log_alpha_bar_table
 from cgtools.errors import ConfigError
@@ -32,7 +33,7 @@ Decoder = Literal["x0", "posterior"]
 
 
 @dataclass(frozen=True)
-class UniformConfig(ConfigJson):
+class UniformConfig(ProcessConfig):
     """Settings of the uniform process (see docs/diffusion.md for why each default).
 
     T: number of noise levels. schedule: "linear-beta" (default, the paper's "linear"; endpoints
@@ -63,10 +64,12 @@ class UniformConfig(ConfigJson):
             raise ConfigError(f"lambda_ce must be >= 0, got {self.lambda_ce}")
 
 
-class UniformDiffusion:
+class UniformDiffusion(CategoricalProcess):
     """Uniform D3PM over K symbols. Tables are float64 on `device`; results follow the input dtype."""
 
-    kind = "uniform"
+    name = "uniform"
+    Config = UniformConfig
+    default_final_step = "argmax"
 
     def __init__(self, config: UniformConfig, vocab: int, device: torch.device | str = "cpu",
                  _table: torch.Tensor | None = None) -> None:
@@ -106,6 +109,15 @@ class UniformDiffusion:
         """t/T as float32 [B] in (0, 1]; round(τ·T) recovers t exactly for any T < 2^23."""
         return t.to(torch.float32) / self.T
 
+    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
+        """1 - ᾱ_t at t = round(τ·T), float64 [B]."""
+        t = torch.round(torch.as_tensor(tau, dtype=torch.float64) * self.T).long()
+        return self.corruption(t.clamp_(0, self.T))
+
+    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
+        """Level `value` for every row: long [B]."""
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+
     def time_grid(self, steps: int | None = None) -> list[int]:
         """Descending levels [T, ..., t_1] visited by the sampler; the step after t_1 goes to 0.
 
@@ -124,6 +136,17 @@ class UniformDiffusion:
         x0 [B, d] long, t [B] long in 0..T -> [B, d] long. Draws 2·B·d numbers whatever t is.
         """
         keep_p = torch.exp(self.log_alpha_bar[t.to(self.device)]).to(x0.device)  # [B] float64
+        return self._redraw(x0, keep_p, generator)
+
+    def corrupt(self, x0: torch.Tensor, noise: float | torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """Each token of x0 [B, d] redrawn uniformly (possibly to itself) with probability exactly
+        E = `noise` (float or [B]); the same draws as q_sample at a level with 1 - ᾱ_t = E."""
+        self.check_clean(x0)
+        keep_p = (1 - noise_vector(noise, x0.shape[0])).to(x0.device)  # [B] float64
+        return self._redraw(x0, keep_p, generator)
+
+    def _redraw(self, x0: torch.Tensor, keep_p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         u = uniforms(x0.shape, generator, x0.device)  # [B, d]
         fresh = randint(self.vocab, x0.shape, generator, x0.device)
         return torch.where(u < keep_p[:, None], x0, fresh)
@@ -229,6 +252,51 @@ class UniformDiffusion:
         if self.config.decoder == "x0":
             return torch.exp(log_p_hat.to(torch.float64))
         return self.reverse_weights(log_p_hat, x_t, t, 0)
+
+    # ---- the sampler -----------------------------------------------------------------------------
+    def reverse(self, denoiser: Denoiser, x: torch.Tensor, grid: list[int], generator: torch.Generator,
+                *, final_step: str, cache: bool | None = None, bar=None) -> torch.Tensor:
+        """Ancestral sampling on the levels `grid` (descending) to 0; one uniform per position and
+        step, drawn even for an argmax last step, so respaced and plain runs share a draw plan."""
+        if cache:
+            raise ConfigError("the cached sampler is exact only for masked diffusion without time input")
+        b = x.shape[0]
+        for i, level in enumerate(grid):
+            log_p_hat = denoiser(x, self.full_time(level, b, x.device))  # [B, d, K]
+            u = uniforms(x.shape, generator, x.device)
+            if i + 1 < len(grid):
+                x = inverse_cdf_weights(self.reverse_weights(log_p_hat, x, level, grid[i + 1]), u)
+            else:
+                weights = self.decoder_weights(log_p_hat, x, level)  # [B, d, K] float64
+                x = weights.argmax(-1) if final_step == "argmax" else inverse_cdf_weights(weights, u)
+            if bar is not None:
+                bar.advance()
+        return x
+
+    # ---- exact inference -------------------------------------------------------------------------
+    def leaf_evidence(self, x_t: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      *, symbols_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ_i(a) = (1 - E)[a = x_t_i] + E/K [B, d, K] (a token redrawn with probability E may
+        keep its value), and a zero constant [B]. symbols_first: return λ as [K, d, B] instead
+        (BP's message layout, built directly: no transpose)."""
+        self.check_observation(x_t)
+        e = noise_vector(noise, x_t.shape[0]).to(x_t.device)
+        floor = (e / self.vocab).to(dtype)  # [B]
+        keep = (1 - e).to(dtype) + floor  # [B], the likelihood of the observed symbol
+        symbols = torch.arange(self.vocab, device=x_t.device)
+        if symbols_first:
+            hit = x_t.T.unsqueeze(0) == symbols.view(-1, 1, 1)  # [K, d, B]
+            lik = torch.where(hit, keep, floor)
+        else:
+            hit = x_t.unsqueeze(-1) == symbols  # [B, d, K]
+            lik = torch.where(hit, keep.view(-1, 1, 1), floor.view(-1, 1, 1))
+        return lik, torch.zeros(x_t.shape[0], dtype=torch.float64, device=x_t.device)
+
+    def mean_leaf_belief(self, noise: float) -> float:
+        """p_0 = (1 - ε)^2 + ε^2/(K - 1) with ε = E (K-1)/K the probability a token changed: the
+        observed token carries belief 1 - ε and is the clean one with probability 1 - ε."""
+        eps = noise * (self.vocab - 1) / self.vocab
+        return (1.0 - eps) ** 2 + eps**2 / (self.vocab - 1)
 
     # ---- bound terms -----------------------------------------------------------------------------
     def prior_kl(self) -> float:

@@ -9,7 +9,9 @@ killed command never leaves a half-written file; an existing file is kept unless
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from typing import BinaryIO, Iterator
 from cgtools.errors import InputError, OutputError
 
 STDIO = "-"
+PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass(frozen=True)
@@ -136,3 +139,31 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_kind(source: InputFile) -> str:
+    """'parquet', 'safetensors' or 'unknown', from the magic bytes."""
+    head = source.head(16)
+    if head[:4] == PARQUET_MAGIC:
+        return "parquet"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n < 1 << 30 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def read_safetensors_metadata(source: InputFile) -> dict[str, str]:
+    """The string metadata of a safetensors file (without loading its tensors)."""
+    try:
+        raw = source.data if source.data is not None else None
+        if raw is None:
+            with open(source.name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = f.read(n)
+        else:
+            (n,) = struct.unpack("<Q", raw[:8])
+            header = raw[8:8 + n]
+        return json.loads(header).get("__metadata__", {}) or {}
+    except (struct.error, ValueError, OSError) as exc:
+        raise InputError(f"{source.display()}: not a readable safetensors file ({exc})") from None

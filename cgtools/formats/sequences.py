@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from cgtools.errors import InputError, SchemaError
 from cgtools.formats import metadata
 from cgtools.formats.files import InputFile
-from cgtools.grammar.rhm import Grammar
 
 TOKENS = "tokens"
 PERTURBED = "perturbed"
@@ -85,10 +84,11 @@ class SequencesWriter:
         self._writer.close()
 
 
-def sequences_meta(grammar: Grammar | None, provenance: dict, **extra) -> dict:
-    """Metadata fields of a sequences table (schema added by the writer)."""
+def sequences_meta(grammar: dict | None, provenance: dict, **extra) -> dict:
+    """Metadata fields of a sequences table: `grammar` is the grammar's JSON object (None for
+    data without one, e.g. text)."""
     return {"schema": metadata.SEQUENCES_SCHEMA,
-            "grammar": None if grammar is None else grammar.to_json(),
+            "grammar": grammar,
             "provenance": provenance, **extra}
 
 
@@ -112,7 +112,6 @@ class SequencesTable:
                 or not pa.types.is_integer(t.value_type):
             raise SchemaError(f"{source.display()}: column '{TOKENS}' must be a list of integers, got {t}")
         self.fixed_length = t.list_size if pa.types.is_fixed_size_list(t) else None
-        self._grammar: Grammar | None = None
 
     @property
     def num_rows(self) -> int:
@@ -122,11 +121,14 @@ class SequencesTable:
     def columns(self) -> list[str]:
         return list(self._file.schema_arrow.names)
 
-    def grammar(self) -> Grammar | None:
-        """The grammar stored in the metadata, or None."""
-        if self._grammar is None and self.meta.get("grammar"):
-            self._grammar = Grammar.from_json(self.meta["grammar"])
-        return self._grammar
+    def grammar_json(self) -> dict | None:
+        """The grammar object stored in the metadata (DESIGN.md §3), or None.
+
+        cgtools.grammar.source turns it into a Grammar; formats/ never builds one."""
+        return self.meta.get("grammar") or None
+
+    def display(self) -> str:
+        return self.source.display()
 
     def iter_column(self, column: str = TOKENS, batch_size: int = 65536,
                     length: int | None = None) -> Iterator[np.ndarray]:

@@ -10,11 +10,11 @@ import numpy as np
 
 from cgtools.errors import ConfigError, InputError
 from cgtools.formats.files import InputFile, atomic_output, check_output
-from cgtools.formats.grammar_file import load_grammar, save_grammar
 from cgtools.formats.sequences import SequencesTable, SequencesWriter, sequences_meta
 from cgtools.grammar.parse import Parser
 from cgtools.grammar.rhm import Grammar, draw_grammar
 from cgtools.grammar.sampling import PerturbMode, generate_sentences
+from cgtools.grammar.source import check_same_grammar, load_grammar, save_grammar
 from cgtools.logs import progress
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,8 @@ def exclusion_keys(grammar: Grammar, sources: list[InputFile]) -> np.ndarray | N
     keys = []
     for src in sources:
         table = SequencesTable(src)
-        other = table.grammar()
-        if other is not None and not other.same_rules(grammar):
-            raise InputError(f"{src.display()} was drawn from a different grammar; pass it with "
-                             f"--grammar too so both use the same rules")
+        check_same_grammar(grammar, table, "was drawn from a different grammar; pass it with "
+                                           "--grammar too so both use the same rules")
         for tokens in table.iter_column(length=grammar.length):
             if tokens.size and (tokens.min() < 0 or tokens.max() >= grammar.vocab):
                 raise InputError(f"{src.display()}: tokens outside the vocabulary [0, {grammar.vocab})")
@@ -100,7 +98,7 @@ def write_dataset(grammar: Grammar, cfg: GenerateConfig, out: str, force: bool, 
     extra = dict(cfg.extra_meta)
     if cfg.perturb_level is not None:
         extra["perturbation"] = {"level": cfg.perturb_level, "mode": cfg.perturb_mode}
-    meta = sequences_meta(grammar, provenance, **extra)
+    meta = sequences_meta(grammar.to_json(), provenance, **extra)
     widths = [grammar.width(level) for level in range(1, grammar.depth + 1)] if cfg.latents else None
     with atomic_output(out, force) as sink, progress(cfg.num, "rhm-gen") as bar:
         writer = SequencesWriter(sink, length=grammar.length, vocab=grammar.vocab, meta=meta,

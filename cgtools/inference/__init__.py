@@ -1,7 +1,7 @@
 """Exact inference on the Random Hierarchy Model: belief propagation, the perfect denoiser and
 the forward-backward experiment."""
 
-from cgtools.inference.bp import BeliefPropagation, Beliefs, leaf_likelihood, noise_tokens
+from cgtools.inference.bp import BeliefPropagation, Beliefs
 from cgtools.inference.denoiser import BPDenoiser
 
-__all__ = ["BPDenoiser", "BeliefPropagation", "Beliefs", "leaf_likelihood", "noise_tokens"]
+__all__ = ["BPDenoiser", "BeliefPropagation", "Beliefs"]

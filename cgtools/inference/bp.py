@@ -10,12 +10,11 @@ of its m productions uniformly). This module computes, for a batch of observatio
 * the leaf *cavity* P(x0_i = a | x_t without token i) = D_0 (what a D3PM x0-network should output),
 * log P(x_t), exactly, and exact posterior samples of the whole tree (top-down).
 
-Evidence (leaf likelihood λ_i(a) = p(x_t_i | x0_i = a)):
-* "uniform": each token redrawn uniformly (possibly to itself) with probability E:
-  λ_i(a) = (1 - E)[a = x_t_i] + E/v.  (D3PM-uniform with E = 1 - ᾱ_t.)
-* "masked": each token replaced by the mask id v with probability E: a masked leaf has λ = 1 for
-  every a, an unmasked one λ(a) = [a = x_t_i]; log P(x_t) adds n_masked log E + n_kept log(1-E).
-* any other leaf likelihood [B, d, v] via :meth:`BeliefPropagation.infer_evidence`.
+Evidence (leaf likelihood λ_i(a) = p(x_t_i | x0_i = a)) comes from the noise process
+(:meth:`cgtools.diffusion.base.Process.leaf_evidence`): uniform noise gives
+λ_i(a) = (1 - E)[a = x_t_i] + E/v, masking gives λ = 1 at a masked leaf and [a = x_t_i] elsewhere
+(log P(x_t) then adds n_masked log E + n_kept log(1-E)). Any other leaf likelihood [B, d, v]
+goes through :meth:`BeliefPropagation.infer_evidence`.
 
 Numerics. The fast path works in probability space in `dtype` (float32 by default) with per-node
 rescaling (every message sums to 1 over symbols; the log normalisers add up to log P(x_t)), so
@@ -40,16 +39,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from cgtools.diffusion.base import CategoricalProcess, noise_vector
 from cgtools.errors import ConfigError, InputError
 from cgtools.grammar.rhm import Grammar
-
-Process = Literal["uniform", "masked"]
-PROCESSES: tuple[str, ...] = ("uniform", "masked")
 
 # Log-space penalty (nats) given to a zero leaf likelihood when the whole observation is
 # impossible: exp(-PENALTY) underflows to 0 next to any O(1) term in float64, which realises the
@@ -62,79 +58,12 @@ _BLOCK_BYTES = 1 << 22  # target size of the largest temporary of the fast path
 _MAX_BLOCK = 1 << 16
 
 
-def check_process(process: str) -> None:
-    if process not in PROCESSES:
-        raise ConfigError(f"unknown noise process {process!r}; expected one of {', '.join(PROCESSES)}")
-
-
-def _noise_vector(noise: float | Sequence[float] | torch.Tensor, batch: int) -> torch.Tensor:
-    """Noise levels E as a float64 tensor [B], checked to lie in [0, 1]."""
-    e = torch.as_tensor(noise, dtype=torch.float64)
-    if e.ndim == 0:
-        e = e.expand(batch)
-    if e.shape != (batch,):
-        raise ConfigError(f"noise must be a scalar or have one value per sentence ({batch}), got shape "
-                          f"{tuple(e.shape)}")
-    if not torch.isfinite(e).all() or (e < 0).any() or (e > 1).any():
-        raise ConfigError("noise levels must lie in [0, 1]")
-    return e
-
-
-def noise_tokens(x0: torch.Tensor, noise: float | torch.Tensor, process: Process, vocab: int,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Forward process: x0 long [B, d] -> x_t long [B, d].
-
-    uniform: each token independently redrawn uniformly from [0, v) with probability E (so it keeps
-    its value with probability 1 - E + E/v); masked: each token set to the mask id v with
-    probability E. `noise` is a scalar or one E per sentence [B].
-    """
-    check_process(process)
-    b, d = x0.shape
-    e = _noise_vector(noise, b).to(torch.float32).unsqueeze(1)  # [B, 1]
-    hit = torch.rand((b, d), generator=generator) < e  # [B, d]
-    if process == "masked":
-        return torch.where(hit, torch.full_like(x0, vocab), x0)
-    fresh = torch.randint(0, vocab, (b, d), generator=generator, dtype=x0.dtype)
-    return torch.where(hit, fresh, x0)
-
-
-def _check_observation(x_t: torch.Tensor, noise, process: str, vocab: int) -> torch.Tensor:
-    """Validate observations [B, d] and return the noise levels E [B] float64."""
-    check_process(process)
-    if x_t.ndim != 2:
-        raise InputError(f"observations must be [B, d] token ids, got shape {tuple(x_t.shape)}")
-    e = _noise_vector(noise, x_t.shape[0])
-    top = vocab + (process == "masked")
-    if x_t.numel() and (x_t.min() < 0 or x_t.max() >= top):
-        what = f"[0, {vocab}] (mask id {vocab})" if process == "masked" else f"[0, {vocab})"
-        raise InputError(f"token ids must lie in {what}")
-    return e
-
-
-def _masked_constant(x_t: torch.Tensor, e: torch.Tensor, vocab: int) -> torch.Tensor:
-    """n_masked log E + n_kept log(1 - E) [B] float64 (0 log 0 = 0)."""
-    n_masked = (x_t == vocab).sum(1).to(torch.float64)
-    return torch.xlogy(n_masked, e) + torch.xlogy(x_t.shape[1] - n_masked, 1 - e)
-
-
-def leaf_likelihood(x_t: torch.Tensor, noise: float | torch.Tensor, process: Process, vocab: int,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leaf likelihoods λ [B, d, v] of an observation and the constant log term [B] (float64).
-
-    The constant is what the likelihoods leave out: for the masked process n_masked log E +
-    n_kept log(1-E) (so that the log-likelihood is the exact log P(x_t)); 0 for uniform.
-    """
-    x_t = torch.as_tensor(x_t)
-    e = _check_observation(x_t, noise, process, vocab)
-    b = x_t.shape[0]
-    onehot = torch.nn.functional.one_hot(torch.clamp(x_t, max=vocab - 1), vocab).to(dtype)  # [B, d, v]
-    if process == "uniform":
-        keep = (1 - e).to(dtype).view(b, 1, 1)
-        lik = onehot * keep + (e / vocab).to(dtype).view(b, 1, 1)
-        return lik, torch.zeros(b, dtype=torch.float64)
-    masked = x_t == vocab  # [B, d]
-    lik = torch.where(masked.unsqueeze(-1), torch.ones_like(onehot), onehot)
-    return lik, _masked_constant(x_t, e, vocab)
+def check_grammar_process(grammar: Grammar, process: CategoricalProcess) -> None:
+    """ConfigError unless `process` is a token process over the grammar's v symbols."""
+    if not isinstance(process, CategoricalProcess):
+        raise ConfigError(f"exact inference needs a token noise process, not {type(process).__name__}")
+    if process.vocab != grammar.vocab:
+        raise ConfigError(f"the noise process has {process.vocab} symbols but the grammar v = {grammar.vocab}")
 
 
 def _reversed_order(width: int, s: int) -> torch.Tensor:
@@ -257,22 +186,27 @@ class BeliefPropagation:
 
     # ---- public entry points -----------------------------------------------------------------
     @torch.inference_mode()
-    def infer(self, x_t: torch.Tensor, noise: float | torch.Tensor, process: Process = "uniform",
+    def infer(self, x_t: torch.Tensor, noise: float | torch.Tensor, process: CategoricalProcess,
               *, downward: bool = True) -> Beliefs:
-        """BP on observations x_t long [B, d] (mask id v for the masked process) at noise E.
+        """BP on observations x_t long [B, d] corrupted by `process` at noise E.
 
-        `noise` is a scalar or one E per sentence [B]. With downward=False only the upward pass
-        runs: enough for log P(x_t), the root posterior and :meth:`sample`.
+        `noise` is a scalar or one E per sentence [B]; the leaf evidence is the process's. With
+        downward=False only the upward pass runs: enough for log P(x_t), the root posterior and
+        :meth:`sample`.
         """
+        check_grammar_process(self.grammar, process)
         x_t = torch.as_tensor(x_t)
-        e = _check_observation(x_t, noise, process, self.grammar.vocab)
-        const = (_masked_constant(x_t, e, self.grammar.vocab) if process == "masked"
-                 else torch.zeros(x_t.shape[0], dtype=torch.float64))
+        e = noise_vector(noise, x_t.shape[0])
+        x = x_t.index_select(1, self._order[0])  # [B, d], leaves in digit-reversed order
+        leaves, const = process.leaf_evidence(x, e, self.dtype, symbols_first=True)  # [v, d, B], [B]
 
         def exact(rows: torch.Tensor) -> torch.Tensor:
-            return self._leaves(x_t.index_select(0, rows), e.index_select(0, rows), process, torch.float64)
+            # float64 evidence for the sentences the fast path could not certify
+            lik, _ = process.leaf_evidence(x.index_select(0, rows), e.index_select(0, rows),
+                                           torch.float64, symbols_first=True)
+            return lik
 
-        return self._run(self._leaves(x_t, e, process, self.dtype), const, exact, downward)
+        return self._run(leaves, const, exact, downward)
 
     @torch.inference_mode()
     def infer_evidence(self, lik: torch.Tensor, log_const: torch.Tensor | None = None, *,
@@ -285,23 +219,14 @@ class BeliefPropagation:
         b = lik.shape[0]
         const = torch.zeros(b, dtype=torch.float64) if log_const is None else log_const.to(torch.float64)
 
-        def internal(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            return x.to(dtype).permute(2, 1, 0).index_select(1, self._order[0]).contiguous()  # [v, d, B]
-
         def exact(rows: torch.Tensor) -> torch.Tensor:
-            return internal(lik.index_select(0, rows), torch.float64)
+            return self._internal(lik.index_select(0, rows), torch.float64)
 
-        return self._run(internal(lik, self.dtype), const, exact, downward)
+        return self._run(self._internal(lik, self.dtype), const, exact, downward)
 
-    def _leaves(self, x_t: torch.Tensor, e: torch.Tensor, process: str, dtype: torch.dtype) -> torch.Tensor:
-        """Leaf likelihoods built directly in the internal layout [v, d, B] (digit-reversed)."""
-        v = self.grammar.vocab
-        x = x_t.index_select(1, self._order[0]).T  # [d, B]
-        hit = x.unsqueeze(0) == torch.arange(v).view(v, 1, 1)  # [v, d, B]
-        if process == "masked":
-            return (hit | (x == v).unsqueeze(0)).to(dtype)
-        floor = (e / v).to(dtype)  # [B]
-        return torch.where(hit, (1 - e).to(dtype) + floor, floor)
+    def _internal(self, lik: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Leaf likelihoods [B, d, v] in the internal layout [v, d, B] (digit-reversed nodes)."""
+        return lik.to(dtype).permute(2, 1, 0).index_select(1, self._order[0]).contiguous()
 
     def _run(self, leaves: torch.Tensor, const: torch.Tensor, exact, downward: bool) -> Beliefs:
         """Fast pass on leaves [v, d, B]; sentences it cannot certify are redone from

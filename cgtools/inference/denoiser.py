@@ -25,7 +25,8 @@ import torch
 
 from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import Grammar
-from cgtools.inference.bp import BeliefPropagation, Process, check_process
+from cgtools.diffusion.base import CategoricalProcess
+from cgtools.inference.bp import BeliefPropagation, check_grammar_process
 
 Kind = Literal["cavity", "marginal"]
 KINDS: tuple[str, ...] = ("cavity", "marginal")
@@ -34,8 +35,9 @@ KINDS: tuple[str, ...] = ("cavity", "marginal")
 class BPDenoiser:
     """Exact x0-prediction by belief propagation.
 
-    Construction: ``BPDenoiser(grammar, process="uniform" | "masked", kind="cavity" | "marginal",
-    dtype=torch.float32, batch_size=4096)``.
+    Construction: ``BPDenoiser(grammar, process, kind="cavity" | "marginal", dtype=torch.float32,
+    batch_size=4096)`` with `process` the noise process (a cgtools.diffusion CategoricalProcess
+    over the grammar's v symbols: its leaf evidence is what BP conditions on).
 
     Call: ``denoiser(x_t, corruption) -> log_probs``
 
@@ -56,9 +58,9 @@ class BPDenoiser:
     `batch_size` sentences (memory is linear in the chunk).
     """
 
-    def __init__(self, grammar: Grammar, process: Process = "uniform", kind: Kind = "cavity",
+    def __init__(self, grammar: Grammar, process: CategoricalProcess, kind: Kind = "cavity",
                  dtype: torch.dtype = torch.float32, batch_size: int = 4096) -> None:
-        check_process(process)
+        check_grammar_process(grammar, process)
         if kind not in KINDS:
             raise ConfigError(f"unknown denoiser output {kind!r}; expected one of {', '.join(KINDS)}")
         if batch_size < 1:
@@ -76,7 +78,7 @@ class BPDenoiser:
     @property
     def mask_id(self) -> int | None:
         """The mask token id (v) for the masked process, None for the uniform one."""
-        return self.grammar.vocab if self.process == "masked" else None
+        return self.process.mask_id
 
     def __call__(self, x_t: torch.Tensor, corruption: torch.Tensor | float) -> torch.Tensor:
         b = x_t.shape[0]

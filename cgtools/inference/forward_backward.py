@@ -20,12 +20,13 @@ Measured per noise level:
   pairs with a constant indicator contribute 0). The susceptibility (correlation volume) is
   χ = Σ_{r=1}^{d-1} C(r); C(0) (the mean variance) is reported in the curve, not in χ.
 
-Denoisers: exact BP by default (:class:`BPSampler`). Any (x_t, E, generator) -> x̂0 [B, d]
+Denoisers: exact BP by default (:class:`BPSampler`). Any (x0, E, generator) -> x̂0 [B, d]
 function plugs in through :func:`tokens_sampler`; its outputs are parsed and latents without a
-valid parse count as changed. :func:`model_sampler` builds one for a trained diffusion model (or
-any object with `.process` and `.denoiser()`, e.g. cgtools.training.generate.ExactModel): x_t is
-drawn by :func:`cgtools.inference.bp.noise_tokens` exactly as for BP, then the model's reverse
-process (cgtools.diffusion.sampling.denoise) runs from start = process.time_for_corruption(E):
+valid parse count as changed. Every sampler corrupts x0 at exactly E with the noise process
+(process.corrupt). :func:`model_sampler` builds one for a trained diffusion model (or any object
+with `.process` and `.denoiser()`, e.g. cgtools.training.generate.ExactModel): it runs
+cgtools.diffusion.sampling.forward_backward, the function `cgtools sample --from` runs too, whose
+reverse process starts at start = process.time_for_corruption(E):
 
 * uniform: the level t ∈ 0..T whose corruption 1 - ᾱ_t is closest to E (the smaller t on a tie).
   The model thus assumes a corruption up to half a level gap (|E - (1 - ᾱ_t)|, at most 1/(2T)
@@ -52,22 +53,21 @@ from typing import Callable, Iterable, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from cgtools.diffusion.sampling import denoise as reverse_process, resolve_final_step
+from cgtools.diffusion.base import CategoricalProcess, Process
+from cgtools.diffusion.sampling import forward_backward as diffusion_forward_backward
 from cgtools.errors import ConfigError, InputError
-from cgtools.formats import metadata
-from cgtools.formats.files import atomic_output
+from cgtools.formats.results import results_table, write_results
 from cgtools.grammar.parse import Parser
 from cgtools.grammar.rhm import Grammar
-from cgtools.inference.bp import BeliefPropagation, Process, check_process, noise_tokens
-from cgtools.logs import progress
+from cgtools.inference.bp import BeliefPropagation, check_grammar_process
+from cgtools.logs import progress, silent_bar
 from cgtools.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
-RESULTS_SCHEMA = "forward-backward/1"
+RESULTS_KIND = "forward-backward"
 CorrelationMode = Literal["covariance", "pearson", "none"]
 CORRELATION_MODES: tuple[str, ...] = ("covariance", "pearson", "none")
 # Correlations keep a d x d matrix of pair counts; beyond this length they need too much memory.
@@ -87,23 +87,26 @@ class Denoised:
 
 
 class PosteriorSampler(Protocol):
-    """Draws x̂0 ~ p(x0 | x_t). `clean` holds the clean trees (for kept probabilities only)."""
+    """Corrupts x0 at E and draws x̂0 ~ p(x0 | x_t). `clean` holds the clean trees (for kept
+    probabilities only)."""
 
-    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+    def __call__(self, x0: torch.Tensor, noise: float, generator: torch.Generator,
                  clean: list[np.ndarray]) -> Denoised: ...
 
 
 class BPSampler:
     """Exact posterior sampling by belief propagation (the perfect denoiser)."""
 
-    def __init__(self, grammar: Grammar, process: Process, expected: bool = True) -> None:
+    def __init__(self, grammar: Grammar, process: CategoricalProcess, expected: bool = True) -> None:
+        check_grammar_process(grammar, process)
         self.grammar = grammar
         self.process = process
         self.expected = expected
         self.bp = BeliefPropagation(grammar, torch.float32)
 
-    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+    def __call__(self, x0: torch.Tensor, noise: float, generator: torch.Generator,
                  clean: list[np.ndarray]) -> Denoised:
+        x_t = self.process.corrupt(x0, noise, generator)
         beliefs = self.bp.infer(x_t, noise, self.process, downward=self.expected)
         nodes = [n.numpy() for n in self.bp.sample(beliefs, generator)]
         kept = None
@@ -117,13 +120,13 @@ class BPSampler:
 
 def tokens_sampler(grammar: Grammar,
                    denoise: Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]) -> PosteriorSampler:
-    """Wrap a token-level denoiser (x_t, E, generator) -> x̂0 [B, d] (e.g. a trained model's
-    forward-backward sampler) into a PosteriorSampler: x̂0 is parsed, invalid latents are -1."""
+    """Wrap a token-level forward-backward (x0, E, generator) -> x̂0 [B, d] (e.g. a trained
+    model's) into a PosteriorSampler: x̂0 is parsed, invalid latents are -1."""
     parser = Parser(grammar)
 
-    def sampler(x_t: torch.Tensor, noise: float, generator: torch.Generator,
+    def sampler(x0: torch.Tensor, noise: float, generator: torch.Generator,
                 clean: list[np.ndarray]) -> Denoised:
-        tokens = denoise(x_t, noise, generator).numpy()
+        tokens = denoise(x0, noise, generator).numpy()
         return Denoised(parser.parse(tokens).symbols)
 
     return sampler
@@ -132,65 +135,65 @@ def tokens_sampler(grammar: Grammar,
 class DenoisingModel(Protocol):
     """What :func:`model_sampler` needs: a noise process and a denoiser (log p̂(x0 | x_t, t)).
 
-    cgtools.training.trained.DiffusionModel and cgtools.training.generate.ExactModel qualify;
-    `grammar` (the training grammar, or None) is read when present.
+    cgtools.training.trained.DiffusionModel and cgtools.training.generate.ExactModel qualify.
     """
 
-    process: object
+    process: Process
+    grammar: Grammar | None
+    length: int | None  # sequence length it denoises (None: not fixed)
 
     def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]: ...
 
 
-def check_model(model: DenoisingModel, grammar: Grammar, process: Process, *,
+def check_model(model: DenoisingModel, grammar: Grammar, expected: str | None = None, *,
                 where: str = "the model", data: str = "the data", same_grammar: bool = True) -> None:
-    """Refuse a model that cannot denoise this experiment's x_t.
+    """Refuse a model that cannot denoise this experiment's sentences.
 
-    ConfigError if its process kind is not `process`; InputError if it predicts another vocabulary
-    or sequence length than `grammar`, or (with same_grammar) if its training grammar is missing or
-    differs from `grammar` (Grammar.same_rules). `where` names the model, `data` the sentences.
+    ConfigError if `expected` (the process name the user asked for, None = any) is not the
+    model's; InputError if it is not a token model over the grammar's vocabulary, predicts
+    another sequence length than `grammar`, or (with same_grammar) if its training grammar is
+    missing or differs from `grammar` (Grammar.same_rules). `where` names the model, `data` the
+    sentences.
     """
-    check_process(process)
-    kind = getattr(model.process, "kind", None)
-    if kind != process:
-        raise ConfigError(f"{where} was trained with {kind} diffusion; use --process {kind}")
-    vocab = model.process.vocab
-    if vocab != grammar.vocab:
-        raise InputError(f"{where} predicts {vocab} symbols but the grammar has v = {grammar.vocab}")
-    config = getattr(getattr(model, "network", None), "config", None)
-    length = getattr(config, "length", None)
+    process = model.process
+    if expected is not None and expected != process.name:
+        raise ConfigError(f"{where} was trained with {process.name} diffusion; use --process "
+                          f"{process.name} (or leave --process out)")
+    if not isinstance(process, CategoricalProcess):
+        raise InputError(f"{where} was trained with {process.name} noise, not on tokens")
+    if process.vocab != grammar.vocab:
+        raise InputError(f"{where} predicts {process.vocab} symbols but the grammar has v = {grammar.vocab}")
+    length = model.length
     if length is not None and length != grammar.length:
         raise InputError(f"{where} denoises sequences of length {length} but the grammar has "
                          f"d = {grammar.length}")
     if same_grammar:
-        trained_on = getattr(model, "grammar", None)
-        if trained_on is None:
+        if model.grammar is None:
             raise InputError(f"{where} carries no grammar to check against {data}'s; "
                              f"give --grammar FILE to run it anyway")
-        if not trained_on.same_rules(grammar):
+        if not model.grammar.same_rules(grammar):
             raise InputError(f"{where} was trained on a different grammar than {data}'s; "
                              f"give --grammar FILE to run it anyway")
 
 
 class ModelSampler:
-    """Posterior sampling by a diffusion model's reverse process (see the module docstring).
+    """Forward-backward with a diffusion model's reverse process (see the module docstring).
 
-    model: anything with `.process` (a cgtools.diffusion process) and `.denoiser()`. Runs the
-    network on `device` (default: the process's); every random number comes from the generator
-    the experiment passes in, so results do not depend on the device. Compatibility with the
-    experiment is the caller's job (:func:`check_model`).
+    model: anything with `.process` and `.denoiser()`. Runs the network on `device` (default: the
+    process's); every random number comes from the generator the experiment passes in, so
+    results do not depend on the device. Compatibility with the experiment is the caller's job
+    (:func:`check_model`).
     """
 
     def __init__(self, model: DenoisingModel, grammar: Grammar, *, steps: int | None = None,
                  final_step: str | None = None, cache: bool | None = None,
                  device: torch.device | str | None = None) -> None:
         self.process = model.process
-        if getattr(self.process, "kind", None) not in ("uniform", "masked"):
-            raise ConfigError(f"no sampler for process {getattr(self.process, 'kind', None)!r}")
         if steps is not None:
             self.process.time_grid(steps)  # ConfigError for an impossible number of steps
         self.grammar = grammar
         self.steps = steps
-        self.final_step = resolve_final_step(self.process, final_step)  # ConfigError if unknown
+        self.final_step = self.process.check_final_step(final_step)  # ConfigError if unknown
         self.cache = cache
         self.device = torch.device(device) if device is not None else self.process.device
         self.denoiser = model.denoiser()
@@ -199,39 +202,33 @@ class ModelSampler:
 
     def info(self) -> dict:
         """The settings to record with the results."""
-        config = getattr(self.process, "config", None)
-        return {"process": config.to_dict() if hasattr(config, "to_dict") else self.process.kind,
-                "steps": self.steps, "final_step": self.final_step}
+        return {"process": self.process.describe(), "steps": self.steps, "final_step": self.final_step}
 
-    def denoise_tokens(self, x_t: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
-        """x̂0 [B, d] (long, on x_t's device) from x_t [B, d] corrupted at level `noise`."""
-        start = self.process.time_for_corruption(noise)
+    def denoise_tokens(self, x0: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+        """x̂0 [B, d] (long, on x0's device): x0 [B, d] corrupted at exactly `noise`, denoised."""
         if noise not in self._seen:
             self._seen.add(noise)
+            start = self.process.time_for_corruption(noise)
             if start == 0 and noise > 0:
                 log.warning("noise %g is closer to no corruption than to the model's first level; "
                             "x̂0 = x_t", noise)
             log.debug("noise %g: the model starts at time %s", noise, start)
-        if start == 0:
-            return x_t.clone()
-        x = x_t.to(self.device)
-        mask_id = getattr(self.process, "mask_id", None)
-        if mask_id is not None and mask_id != self.grammar.vocab:  # noise_tokens masks with id v
-            x = torch.where(x == self.grammar.vocab, torch.full_like(x, mask_id), x)
-        out = reverse_process(self.process, self.denoiser, x, start, generator, steps=self.steps,
-                              final_step=self.final_step, cache=self.cache)  # type: ignore[arg-type]
-        return out.to(x_t.device)
+        out = diffusion_forward_backward(self.process, self.denoiser, x0.to(self.device), noise,
+                                         generator, steps=self.steps, batch_size=max(len(x0), 1),
+                                         final_step=self.final_step, cache=self.cache,
+                                         bar=silent_bar())
+        return out.to(x0.device)
 
-    def __call__(self, x_t: torch.Tensor, noise: float, generator: torch.Generator,
+    def __call__(self, x0: torch.Tensor, noise: float, generator: torch.Generator,
                  clean: list[np.ndarray]) -> Denoised:
-        return self._sampler(x_t, noise, generator, clean)
+        return self._sampler(x0, noise, generator, clean)
 
 
 def model_sampler(model: DenoisingModel, grammar: Grammar | None = None, *, steps: int | None = None,
                   final_step: str | None = None, cache: bool | None = None,
                   device: torch.device | str | None = None) -> ModelSampler:
     """A PosteriorSampler that denoises with `model` (default grammar: model.grammar)."""
-    grammar = grammar if grammar is not None else getattr(model, "grammar", None)
+    grammar = grammar if grammar is not None else model.grammar
     if grammar is None:
         raise InputError("the model carries no grammar; give one to parse its outputs")
     return ModelSampler(model, grammar, steps=steps, final_step=final_step, cache=cache, device=device)
@@ -339,17 +336,17 @@ def check_noises(noises: Iterable[float]) -> list[float]:
 
 
 def forward_backward(grammar: Grammar, batches: Iterable[np.ndarray], noises: Iterable[float],
-                     process: Process = "uniform", *, seed: int = 0, repeats: int = 1,
+                     process: CategoricalProcess, *, seed: int = 0, repeats: int = 1,
                      correlation: CorrelationMode = "covariance",
                      sampler: PosteriorSampler | None = None, total: int | None = None,
                      where: str = "input") -> list[NoiseResult]:
     """Run the experiment on clean sentences (token batches [B, d]) at every noise level.
 
+    `process` is the noise process (its corruption at exactly E and, for BP, its leaf evidence).
     Each sentence is noised `repeats` times per level (independent draws). `sampler` defaults to
     exact BP. Returns one NoiseResult per noise level, in the given order. Raises InputError if
     a sentence is not grammatical (its latent tree is needed).
     """
-    check_process(process)
     noises = check_noises(noises)
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
@@ -373,15 +370,14 @@ def forward_backward(grammar: Grammar, batches: Iterable[np.ndarray], noises: It
             x0 = torch.from_numpy(clean_rep[0])
             for acc, noise in zip(accs, noises):
                 gen = _generator(seed, noise, chunk)
-                x_t = noise_tokens(x0, noise, process, grammar.vocab, gen)
-                acc.add(clean_rep, sampler(x_t, noise, gen, clean_rep))
+                acc.add(clean_rep, sampler(x0, noise, gen, clean_rep))
                 bar.advance(x0.shape[0])
             chunk += 1
             offset += tokens.shape[0]
     if offset == 0:
         raise InputError(f"{where}: no sentences")
     log.debug("forward-backward: %d sentences x %d draws at %d noise levels", offset, repeats, len(noises))
-    return [acc.result(noise, process, correlation) for acc, noise in zip(accs, noises)]
+    return [acc.result(noise, process.name, correlation) for acc, noise in zip(accs, noises)]
 
 
 def _clean_trees(parser: Parser, tokens: np.ndarray, grammar: Grammar, where: str,
@@ -419,10 +415,9 @@ def _rechunk(batches: Iterable[np.ndarray], rows: int) -> Iterable[np.ndarray]:
         yield np.concatenate(buf)
 
 
-def results_table(results: list[NoiseResult], grammar: Grammar, meta: dict) -> pa.Table:
+def results_columns(results: list[NoiseResult], depth: int) -> dict[str, pa.Array]:
     """One row per noise level. List columns `changed`, `changed_expected` (levels 0..L),
-    `distance`, `correlation`; scalar copies `changed_<l>` for plotting; cgtools metadata."""
-    depth = grammar.depth
+    `distance`, `correlation`; scalar copies `changed_<l>` for plotting."""
     cols: dict[str, pa.Array] = {
         "noise": pa.array([r.noise for r in results], pa.float64()),
         "process": pa.array([r.process for r in results], pa.string()),
@@ -438,15 +433,13 @@ def results_table(results: list[NoiseResult], grammar: Grammar, meta: dict) -> p
     }
     for level in range(depth + 1):
         cols[f"changed_{level}"] = pa.array([r.changed[level] for r in results], pa.float64())
-    table = pa.table(cols)
-    blob = metadata.encode(RESULTS_SCHEMA, grammar=grammar.to_json(), **meta)
-    return table.replace_schema_metadata({metadata.METADATA_KEY: blob})
+    return cols
 
 
 def results_table_write(results: list[NoiseResult], grammar: Grammar, out: str, force: bool,
-                        provenance: dict, **meta) -> None:
-    """Write :func:`results_table` to Parquet atomically (`out` may be "-")."""
+                        provenance: dict, tags: dict | None = None, **meta) -> None:
+    """Write the results as a `forward-backward` results table (cgtools.formats.results)."""
     mode = results[0].correlation_mode if results else "none"
-    table = results_table(results, grammar, {"provenance": provenance, "correlation": mode, **meta})
-    with atomic_output(out, force) as sink:
-        pq.write_table(table, sink, compression="zstd")
+    table = results_table(results_columns(results, grammar.depth), kind=RESULTS_KIND, tags=tags,
+                          provenance=provenance, grammar=grammar.to_json(), correlation=mode, **meta)
+    write_results(table, out, force)

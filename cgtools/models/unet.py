@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,9 @@ class UNet(nn.Module):
             self.time_weight = None
         self._infos = self._build_param_info()
         check_param_info(self, self._infos)
+        # leaf_message inputs with uniform noise need ᾱ at the network time t; the architecture
+        # registry binds the process's map here (not a parameter: it is rebuilt from the config).
+        self.keep_of_time: Callable[[Tensor], Tensor] | None = None
 
     # ---- μP bookkeeping ------------------------------------------------------------------------
     @property
@@ -267,6 +270,8 @@ class UNet(nn.Module):
         B = x_t.shape[0]
         pre: dict[str, Tensor] | None = {} if return_preactivations else None
 
+        if keep_prob is None and self.keep_of_time is not None and c.input_mode == "leaf_message":
+            keep_prob = self.keep_of_time(t).to(x_t.device)  # [B]
         h = self._embed(x_t, keep_prob)  # [B, d, n]
         time_bias = self._time_biases(t, B)  # [B, 2L, n] or None
         skips = [h]  # skips[l] = e_l, output of encoder l (e_0 = embedding), [B, d/s^l, n]

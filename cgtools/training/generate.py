@@ -1,7 +1,9 @@
 """Generating sequences from a trained model or from the exact BP denoiser, into a sequences table.
 
-`sample` draws fresh sequences from the reverse process; with `from_tokens` and `noise` it runs a
-forward-backward: each given sentence is corrupted to level E and denoised by the model.
+`generate` draws fresh sequences from the reverse process; with `from_tokens` and `noise` it runs
+a forward-backward (cgtools.diffusion.sampling.forward_backward, the same function as the
+`forward-backward --denoiser CKPT` experiment): each given sentence is corrupted to exactly E and
+denoised by the model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cgtools.diffusion import Denoiser, UniformConfig, forward_backward, make_process, sample
+from cgtools.diffusion.base import CategoricalProcess, Denoiser, ProcessConfig
+from cgtools.diffusion.registry import make_process
+from cgtools.diffusion.sampling import forward_backward, sample
+from cgtools.diffusion.uniform import UniformConfig
 from cgtools.formats.files import atomic_output, check_output
 from cgtools.formats.sequences import SequencesWriter, sequences_meta
 from cgtools.grammar.rhm import Grammar
@@ -23,18 +28,23 @@ from cgtools.seeding import torch_generator
 class ExactModel:
     """The Bayes-optimal denoiser (belief propagation on the known grammar) with a noise process."""
 
-    process: object
+    process: CategoricalProcess
     grammar: Grammar
     kind: str = "cavity"
+
+    @property
+    def length(self) -> int | None:
+        return None if self.grammar is None else self.grammar.length
 
     def denoiser(self) -> Denoiser:
         from cgtools.inference.denoiser import BPDenoiser
 
-        bp = BPDenoiser(self.grammar, process=self.process.kind, kind=self.kind)
+        bp = BPDenoiser(self.grammar, self.process, kind=self.kind)
         return lambda x_t, t: bp(x_t, self.process.corruption(t))
 
 
-def exact_model(grammar: Grammar, process_cfg, kind: str = "cavity", device: str = "cpu") -> ExactModel:
+def exact_model(grammar: Grammar, process_cfg: ProcessConfig, kind: str = "cavity",
+                device: str = "cpu") -> ExactModel:
     """BP as the denoiser of `process_cfg`'s reverse process.
 
     With the cavity (the loss-optimal x0 prediction, which leaves out token i's own evidence) the
@@ -69,8 +79,7 @@ def generate(model, cfg: SampleConfig, from_tokens: np.ndarray | None = None,
         out = forward_backward(model.process, denoiser, x0, float(cfg.noise), gen, steps=cfg.steps,
                                batch_size=cfg.batch_size, final_step=cfg.final_step, cache=cfg.cache)
     else:
-        length = model.grammar.length if model.grammar is not None else model.network.config.length
-        out = sample(model.process, denoiser, cfg.num, length, gen, steps=cfg.steps,
+        out = sample(model.process, denoiser, cfg.num, model.length, gen, steps=cfg.steps,
                      batch_size=cfg.batch_size, final_step=cfg.final_step, cache=cfg.cache, device=device)
     return out.cpu().numpy()
 
@@ -79,7 +88,7 @@ def write_samples(tokens: np.ndarray, grammar: Grammar | None, vocab: int, out: 
                   provenance: dict, **extra) -> None:
     """Write generated tokens as a sequences table carrying the grammar and provenance."""
     check_output(out, force)
-    meta = sequences_meta(grammar, provenance, **extra)
+    meta = sequences_meta(None if grammar is None else grammar.to_json(), provenance, **extra)
     with atomic_output(out, force) as sink:
         writer = SequencesWriter(sink, length=tokens.shape[1], vocab=vocab, meta=meta)
         for start in range(0, len(tokens), 65536):

@@ -31,12 +31,13 @@ from cgtools.grammar.rhm import Grammar
 from cgtools.logs import progress
 from cgtools.models.mup import param_groups
 from cgtools.seeding import torch_generator
-from cgtools.training.checkpoint import Checkpoint, save_checkpoint
+from cgtools.formats.checkpoint import Checkpoint, save_checkpoint
+from cgtools.formats.files import InputFile
+from cgtools.formats.metrics import read_metrics, write_metrics
 from cgtools.training.config import TrainConfig
 from cgtools.training.data import OfflineData, OnlineData, rank_slice
-from cgtools.training.metrics import read_metrics, write_metrics
+from cgtools.training.presets import RunConfig
 from cgtools.training.trained import DiffusionModel, build_model
-from cgtools.formats.files import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +149,16 @@ class Trainer:
         if not path.exists():
             raise ConfigError(f"{self.run_dir}: nothing to resume (no last.safetensors)")
         ckpt = Checkpoint(InputFile(str(path), None))
-        for key in ("model", "process", "grammar"):
+        for key in ("arch", "model", "process", "grammar"):
             if ckpt.meta.get(key) != self.meta.get(key):
-                raise ConfigError(f"{self.run_dir} was trained with a different {key} config; "
+                raise ConfigError(f"{self.run_dir} was trained with a different {key} config"
+                                  f"{_first_difference(ckpt.meta.get(key), self.meta.get(key))}; "
                                   f"start a new run directory or repeat the original flags")
-        if _trajectory(ckpt.meta.get("train", {})) != _trajectory(self.meta["train"]):
-            raise ConfigError(f"{self.run_dir} was trained with different training settings; only "
-                              f"--steps (with a constant lr), --patience and evaluation settings may change")
+        old, new = _trajectory(ckpt.meta.get("train", {})), _trajectory(self.meta["train"])
+        if old != new:
+            raise ConfigError(f"{self.run_dir} was trained with different training settings"
+                              f"{_first_difference(old, new)}; only --steps (with a constant lr), "
+                              f"--patience and evaluation settings may change")
         self.model.network.load_state_dict(ckpt.model)
         state = ckpt.optimizer_state()
         if state is not None:
@@ -186,11 +190,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         net = self.ddp if self.ddp is not None else self.model.network
-        keep = (1 - proc.corruption(t)).float() if self.model.network.config.input_mode == "leaf_message" else None
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
                     else nullcontext())
         with autocast:
-            logits = net(x_t, proc.network_time(t), keep_prob=keep)
+            logits = net(x_t, proc.network_time(t))
         terms = proc.loss(logits.float(), x0, x_t, t)
         loss = terms.loss.mean()
         if not torch.isfinite(loss):
@@ -210,13 +213,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss / ELBO (fixed noise draws, same at every validation) and a sample check."""
-        cfg, proc = self.cfg, self.model.process
         net = self.model.network
         backup = None
         if self.ema is not None:
             backup = {k: v.clone() for k, v in net.state_dict().items()}
             net.load_state_dict(self.ema)
         net.eval()
+        try:
+            return self._evaluate()
+        finally:  # the raw weights go back even when validation fails (e.g. Ctrl-C)
+            if backup is not None:
+                net.load_state_dict(backup)
+            net.train()
+
+    def _evaluate(self) -> dict:
+        cfg, proc = self.cfg, self.model.process
         gen = torch_generator(cfg.seed, "validation", device="cpu")
         losses, elbos = [], []
         for _ in range(cfg.val_repeats):
@@ -230,7 +241,7 @@ class Trainer:
         row = {"val_loss": float(torch.cat(losses).mean()), "val_elbo_bits": float(torch.cat(elbos).mean())}
         if cfg.sample_check and self.grammar is not None:
             gen = torch_generator(cfg.seed, "sample-check", device="cpu")
-            samples = diffusion_sample(proc, self.model.denoiser(), cfg.sample_check, self.grammar.length,
+            samples = diffusion_sample(proc, self.model.denoiser(), cfg.sample_check, self.model.length,
                                        gen, steps=cfg.sample_steps, device=self.device,
                                        description="sample check")
             report = measure_accuracy([samples.cpu().numpy()], self.grammar,
@@ -238,9 +249,6 @@ class Trainer:
             row["sample_accuracy"] = report.accuracy
             row["sample_memorized"] = report.memorized
             row["sample_novel_valid"] = report.novel_valid
-        if backup is not None:
-            net.load_state_dict(backup)
-        net.train()
         return row
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -309,20 +317,22 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def train(model_cfg, process_cfg, cfg: TrainConfig, run_dir: str | Path, *, train_tokens: np.ndarray | None,
+def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | None,
           val_tokens: np.ndarray, grammar: Grammar | None, provenance: dict, device: str = "cpu",
           resume: bool = False, force: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train a diffusion model and write RUN_DIR (see the module docstring)."""
+    cfg = run.train
     run_dir = Path(run_dir)
     dist = init_distributed(device)
     if dist.world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
     if dist.main:
         prepare_run_dir(run_dir, resume, force)
-    meta = {"model": json.loads(model_cfg.to_json()), "process": json.loads(process_cfg.to_json()),
-            "train": cfg.to_dict(), "grammar": None if grammar is None else grammar.to_json(),
-            "provenance": provenance}
-    model = build_model(model_cfg, process_cfg, seed=cfg.seed, device=device, grammar=grammar, meta=meta)
+    meta = {"arch": run.arch, "model": json.loads(run.model.to_json()),
+            "process": json.loads(run.process.to_json()), "train": cfg.to_dict(),
+            "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance}
+    model = build_model(run.arch, run.model, run.process, seed=cfg.seed, device=device, grammar=grammar,
+                        meta=meta)
     trainer = Trainer(model, cfg, run_dir, train_tokens=train_tokens, val_tokens=val_tokens,
                       grammar=grammar, meta=meta, device=device, dist=dist)
     if resume:
@@ -342,3 +352,15 @@ def _trajectory(train: dict) -> dict:
     if train.get("lr_schedule", "constant") == "constant":
         free.add("steps")
     return {k: v for k, v in train.items() if k not in free}
+
+
+def _first_difference(old, new) -> str:
+    """': KEY was OLD, now NEW' for the first differing key of two settings dicts ('' if none)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), (dict, list)) or isinstance(new.get(key), (dict, list)):
+                return f" ({key} differs)"
+            return f" ({key} was {old.get(key)!r}, now {new.get(key)!r})"
+    return ""

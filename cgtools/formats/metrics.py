@@ -35,7 +35,7 @@ def write_metrics(path: str | Path, rows: list[dict], provenance: dict) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of an existing metrics table (for resuming)."""
+    """Rows of an existing metrics table (for resuming); [] when there is none."""
     if not Path(path).exists():
         return []
     return pq.read_table(path).to_pylist()

@@ -4,10 +4,12 @@ Layout of the tensors:
 * `model.<name>`: the model's state_dict;
 * `ema.<name>`: the weight average, when one is kept;
 * `optim.<param index>.<key>`: tensors of the optimizer state (momentum buffers, Adam moments).
-The metadata key `cgtools` holds a JSON object with `"schema": "checkpoint/1"`, the model, process
-and training configs, the grammar, provenance, the step, and (for resumable checkpoints) the
+The metadata key `cgtools` holds a JSON object with `"schema": "checkpoint/2"`, the architecture
+name `"arch"` (a key of cgtools.models.registry), the model, process and training configs, the
+grammar (null for data without one), provenance, the step, and (for resumable checkpoints) the
 optimizer's scalar state and param-group settings, so nothing but this file is needed to rebuild
-the model or continue training.
+the model or continue training. Version 1 files (before architectures had names) are read as
+`"arch": "unet"`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import torch
 
 from cgtools.errors import SchemaError
 from cgtools.formats import metadata
-from cgtools.formats.files import InputFile, atomic_output
-from cgtools.formats.grammar_file import file_kind, read_safetensors_metadata
+from cgtools.formats.files import InputFile, atomic_output, file_kind, read_safetensors_metadata
 
-CHECKPOINT_SCHEMA = "checkpoint/1"
+CHECKPOINT_SCHEMA = "checkpoint/2"
+READABLE_SCHEMAS = ("checkpoint/1", CHECKPOINT_SCHEMA)
 
 
 def _optimizer_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -52,9 +54,11 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 def save_checkpoint(path: str | Path, model: dict[str, torch.Tensor], meta: dict, *,
                     optimizer: dict | None = None, ema: dict[str, torch.Tensor] | None = None,
                     force: bool = True) -> None:
-    """Write a checkpoint atomically. `meta` must be JSON-serialisable (configs, grammar, step...)."""
+    """Write a checkpoint atomically. `meta` must be JSON-serialisable and name its "arch"."""
     from safetensors.torch import save
 
+    if "arch" not in meta:
+        raise ValueError("checkpoint metadata must name its architecture ('arch')")
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()})
@@ -76,8 +80,9 @@ class Checkpoint:
         if file_kind(source) != "safetensors":
             raise SchemaError(f"{source.display()}: not a safetensors checkpoint")
         meta = metadata.decode(read_safetensors_metadata(source).get(metadata.METADATA_KEY), source.display())
-        if meta.get("schema") != CHECKPOINT_SCHEMA:
+        if meta.get("schema") not in READABLE_SCHEMAS:
             raise SchemaError(f"{source.display()}: expected a {CHECKPOINT_SCHEMA} file, got {meta.get('schema')!r}")
+        meta.setdefault("arch", "unet")  # checkpoint/1 predates named architectures
         self.source, self.meta = source, meta
         tensors = load(source.data) if source.data is not None else load_file(source.name)
         self.model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -1,0 +1,128 @@
+"""The network architectures by name: how a run's model config is made and a network built.
+
+An architecture is one module with a config dataclass (to_json/from_json) and an nn.Module whose
+``forward(x_t, t)`` takes the corrupted data and the network time (float32 [B] in [0, 1], see
+Process.network_time) and returns the prediction the process's loss expects (logits [B, d, K]
+for the token processes). Register it with one line in :data:`ARCHITECTURES`; checkpoints carry
+the name, so `load_model` rebuilds any registered network (docs/CONTRIBUTING.md shows the steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from cgtools.diffusion.base import CategoricalProcess, Process
+from cgtools.errors import ConfigError
+from cgtools.models.unet import UNet, UNetConfig, reference_leaf_standardisation
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What an architecture is sized from: the data, not the flags.
+
+    vocab: symbols a token model predicts (None for continuous data); length: sequence length d
+    (None for images); depth and branching: the grammar's L and s when the data has a grammar.
+    """
+
+    vocab: int | None = None
+    length: int | None = None
+    depth: int | None = None
+    branching: int | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registry entry.
+
+    settings: the names a preset or flag may set (the config's free fields).
+    configure(data, process, settings) -> config: the full config for this data and process.
+    build(config, process, seed) -> network: freshly initialised weights from `seed`.
+    """
+
+    name: str
+    config_class: type
+    settings: frozenset[str]
+    configure: Callable[[DataSpec, Process, dict[str, Any]], Any]
+    build: Callable[[Any, Process, int], nn.Module]
+
+    def config_from_json(self, obj: Any):
+        return self.config_class.from_json(obj)
+
+
+# ---- the paper's 1-D U-Net ------------------------------------------------------------------------
+_UNET_DERIVED = {"vocab", "input_vocab", "depth", "branching"}
+
+
+def _unet_configure(data: DataSpec, process: Process, settings: dict[str, Any]) -> UNetConfig:
+    """U-Net config for token data of length d = s^L (L, s from the grammar, or from d and the
+    `branching` setting, default 2)."""
+    if not isinstance(process, CategoricalProcess):
+        raise ConfigError(f"the unet architecture denoises tokens; {process.name} noise needs another --arch")
+    kw = dict(settings)
+    standardisation = kw.pop("leaf_standardisation", None)
+    asked = kw.pop("branching", None)
+    depth, branching = data.depth, data.branching
+    if depth is not None and asked is not None and asked != branching:
+        raise ConfigError(f"--branching {asked} contradicts the grammar's s = {branching}")
+    if depth is None:
+        branching = int(asked or 2)
+        depth = round(math.log(data.length, branching)) if data.length and data.length > 1 else 0
+        if data.length is None or branching ** depth != data.length:
+            raise ConfigError(f"the unet needs sequences of length s^L; {data.length} is not a power of {branching}")
+    masked = process.mask_id is not None
+    if masked:
+        # The optimal masked denoiser ignores t: embed time only when the process asks for it.
+        kw.setdefault("time_embedding", bool(getattr(process.config, "time_conditioning", False)))
+        if kw.get("input_mode") == "leaf_message":
+            kw["input_mode"] = "onehot"  # a mask carries no leaf evidence to standardise
+            standardisation = None
+    if standardisation == "reference" and kw.get("input_mode") == "leaf_message" and kw.get("leaf_mean") is None:
+        kw["leaf_mean"], kw["leaf_std"] = _reference_leaf_standardisation(process.vocab)
+    return UNetConfig(vocab=process.vocab, input_vocab=process.input_vocab, depth=depth,
+                      branching=branching, **kw)
+
+
+def _reference_leaf_standardisation(vocab: int) -> tuple[float, float]:
+    """The input standardisation of the authors' public code: leaf-message moments averaged over
+    *its default* schedule table (linear β 1e-4 -> 0.02, T = 1000), not the diffusion's own
+    (reference/peers.md §6 and feasibility.md §4.5 describe that quirk; reproduced on purpose)."""
+    from cgtools.diffusion.schedules import log_alpha_bar_table
+
+    table = log_alpha_bar_table("linear-beta", 1000, 1e-4, 0.02).exp()
+    return reference_leaf_standardisation(table, vocab)
+
+
+def _unet_build(config: UNetConfig, process: Process, seed: int) -> UNet:
+    net = UNet(config, seed=seed)
+    if config.input_mode == "leaf_message" and not config.masked:
+        net.keep_of_time = lambda tau: 1 - process.corruption_at_network_time(tau).float()
+    return net
+
+
+UNET = Architecture(
+    name="unet",
+    config_class=UNetConfig,
+    settings=frozenset({f.name for f in dataclasses.fields(UNetConfig)} - _UNET_DERIVED
+                       | {"leaf_standardisation", "branching"}),
+    configure=_unet_configure,
+    build=_unet_build,
+)
+
+#: name -> Architecture. Add a new network with one line here.
+ARCHITECTURES: dict[str, Architecture] = {UNET.name: UNET}
+
+
+def architecture(name: str) -> Architecture:
+    """The registered architecture `name`; ConfigError naming the choices otherwise."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(ARCHITECTURES)
