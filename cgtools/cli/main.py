@@ -81,16 +81,24 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-def _register() -> None:
-    # Each module holds one command; import here so `cgtools --help` stays fast (no torch).
-    from cgtools.cli import forward_backward, measure_accuracy, rhm_gen, sample, theory, train
+# (command name, module under cgtools.cli, function): one line per command, in `--help` order.
+COMMANDS = (
+    ("rhm-gen", "rhm_gen", "rhm_gen"),
+    ("measure-accuracy", "measure_accuracy", "measure_accuracy"),
+    ("theory", "theory", "theory"),
+    ("train", "train", "train"),
+    ("sample", "sample", "sample"),
+    ("forward-backward", "forward_backward", "forward_backward"),
+)
 
-    app.command("rhm-gen")(rhm_gen.rhm_gen)
-    app.command("measure-accuracy")(measure_accuracy.measure_accuracy)
-    app.command("theory")(theory.theory)
-    app.command("train")(train.train)
-    app.command("sample")(sample.sample)
-    app.command("forward-backward")(forward_backward.forward_backward)
+
+def _register() -> None:
+    # Each module holds one command and imports heavy libraries (torch) inside the command, so
+    # `cgtools --help` stays fast.
+    import importlib
+
+    for name, module, function in COMMANDS:
+        app.command(name)(getattr(importlib.import_module(f"cgtools.cli.{module}"), function))
 
 
 _register()

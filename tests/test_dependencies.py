@@ -1,0 +1,54 @@
+"""Every third-party package the library imports is declared in pyproject.toml.
+
+A plain `pip install .` installs only what is declared; an undeclared import works on a machine
+where something else pulled it in and fails with ModuleNotFoundError elsewhere (click was such a
+case: typer stopped depending on it)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _top_level_imports(root: Path) -> dict[str, str]:
+    """{top-level module: first file importing it} over every module of the package, including
+    imports inside functions (the CLI imports lazily)."""
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_third_party_import_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_canonical(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0]) for d in project["dependencies"]}
+    owners = packages_distributions()
+    imports = _top_level_imports(ROOT / "cgtools")
+    third_party = {m: f for m, f in imports.items()
+                   if m not in sys.stdlib_module_names and m != "cgtools" and m != "__future__"}
+    assert {"torch", "typer", "click", "pyarrow"} <= set(third_party)  # the scan sees real imports
+    missing = {}
+    for module, where in third_party.items():
+        dists = {_canonical(d) for d in owners.get(module, [module])}
+        if not dists & declared:
+            missing[module] = (sorted(dists), where)
+    assert not missing, f"imported but not declared in pyproject.toml [project.dependencies]: {missing}"
