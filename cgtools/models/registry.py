@@ -100,7 +100,8 @@ def _reference_leaf_standardisation(vocab: int) -> tuple[float, float]:
 def _unet_build(config: UNetConfig, process: Process, seed: int) -> UNet:
     net = UNet(config, seed=seed)
     if config.input_mode == "leaf_message" and not config.masked:
-        net.keep_of_time = lambda tau: 1 - process.corruption_at_network_time(tau).float()
+        # ᾱ = 1 - E in float64, rounded once to float32 (as the input transform always did)
+        net.keep_of_time = lambda tau: (1 - process.corruption_at_network_time(tau)).float()
     return net
 
 
