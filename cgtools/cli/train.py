@@ -24,6 +24,7 @@ def train(
     batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
     optimizer: Annotated[Optional[str], Opt("--optimizer", help="'sgd' (momentum) or 'adam' [preset cpu: adam; paper: sgd].")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Learning rate in μP units, width-independent [preset cpu: 0.3 (Adam); paper: 1 (SGD)].")] = None,
+    lr_scheme: Annotated[Optional[str], Opt("--lr-scheme", help="'mup' (per-layer μP rates, the default), 'global' (--lr for every parameter) or 'standard'.")] = None,
     momentum: Annotated[Optional[float], Opt("--momentum", help="SGD momentum.")] = None,
     weight_decay: Annotated[Optional[float], Opt("--weight-decay", help="Weight decay.")] = None,
     lr_schedule: Annotated[Optional[str], Opt("--lr-schedule", help="'constant', 'cosine' or 'linear' decay to 0 [preset cpu: cosine from half the run].")] = None,
@@ -87,7 +88,7 @@ def train(
     settings = dict(
         width=width, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_schedule=lr_schedule, decay_start=decay_start, warmup=warmup,
-        ema=ema, T=T, schedule=schedule, beta_min=beta_min, beta_max=beta_max, lambda_ce=lambda_ce,
+        ema=ema, lr_scheme=lr_scheme, T=T, schedule=schedule, beta_min=beta_min, beta_max=beta_max, lambda_ce=lambda_ce,
         time_conditioning=time_conditioning, time_embedding=time_embedding, skip=skip, norm=norm,
         input_mode=input_mode, online=online or None, eval_every=eval_every, patience=patience,
         sample_check=sample_check, sample_steps=sample_steps, seed=seed)

@@ -115,6 +115,14 @@ def param_groups(model: HasParamInfo, lr: float, optimizer: Optimizer = "sgd",
     """
     if not lr > 0:
         raise ConfigError(f"learning rate must be positive, got {lr}")
+    if not hasattr(model, "param_info"):
+        # A network without μP classes can still train with one raw rate for every parameter.
+        if scheme != "global":
+            raise ConfigError(f"{type(model).__name__} has no μP parameter classes; train it with "
+                              f"--lr-scheme global")
+        params = [p for _, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "kind": "global", "names": names}]
     infos = model.param_info()
     groups: dict[tuple[str, float], dict] = {}
     for name, p in model.named_parameters():
