@@ -169,7 +169,7 @@ def test_a_registered_architecture_trains_samples_and_reloads_from_its_name(tmp_
     res = runner.invoke(app, ["train", str(tmp_path / "train.parquet"), "--val", str(tmp_path / "val.parquet"),
                               "-o", str(tmp_path / "cli"), "--arch", "bag", "--process", "masked",
                               "--steps", "2", "--eval-every", "2", "--batch-size", "8",
-                              "--lr-scheme", "global", "--lr", "0.01"])
+                              "--lr-scheme", "global", "--lr", "0.01", "--allow-overlap"])
     assert res.exit_code == 0, res.stderr
     res = runner.invoke(app, ["sample", str(tmp_path / "cli" / "model.safetensors"), "-n", "4", "--steps", "3",
                               "-o", str(tmp_path / "s.parquet")])

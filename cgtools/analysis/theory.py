@@ -23,6 +23,9 @@ from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import check_parameters
 
 
+EXACT_COUNT_DIGITS = 300  # sentence counts with more digits are given as log10 only
+
+
 def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int | None = None,
            noise_grid: Sequence[float] | None = None, process: Process | None = None) -> dict:
     """All predictions as a JSON-ready dict (None where a quantity is infinite or undefined).
@@ -36,7 +39,10 @@ def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int
     check_parameters(L, s, v, m, n)
     d = s**L
     n_internal = (d - 1) // (s - 1)
-    n_sentences = n * m**n_internal
+    log10_sentences = math.log10(n) + n_internal * math.log10(m)
+    # The exact count is an integer of log10 digits: exact while that is cheap, else None (the
+    # log10 is reported either way). m**n_internal at L = 40, s = 4 would never finish.
+    n_sentences = n * m**n_internal if log10_sentences < EXACT_COUNT_DIGITS else None
     f = m / v ** (s - 1)
     levels = list(range(1, L + 1))
     if f < 1:
@@ -55,7 +61,7 @@ def theory(depth: int, branching: int, vocab: int, synonyms: int, n_classes: int
         "depth": L, "branching": s, "vocab": v, "synonyms": m, "n_classes": n,
         "length": d,
         "n_sentences": n_sentences,
-        "log10_n_sentences": math.log10(n) + n_internal * math.log10(m),
+        "log10_n_sentences": log10_sentences,
         "f": f,
         "levels": levels,
         "sample_complexity": p_levels,

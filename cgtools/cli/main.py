@@ -34,13 +34,33 @@ class CgtoolsGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (CgtoolsError, OSError) as exc:
+        except KeyboardInterrupt:
+            if _debug_wanted(ctx):
+                raise
+            # Ctrl-C: outputs in progress were temporaries and are gone; a training run saved its state.
+            click.echo(f"cgtools {ctx.invoked_subcommand or ''}: interrupted".replace("  ", " "), err=True)
+            ctx.exit(130)
+        except (CgtoolsError, OSError, MemoryError, RuntimeError) as exc:
             if _debug_wanted(ctx) or isinstance(exc, BrokenPipeError):
                 raise
+            if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
+                raise  # a bug: keep the traceback
             name = ctx.invoked_subcommand or ""
-            message = str(exc) if isinstance(exc, CgtoolsError) else _os_message(exc)
+            if isinstance(exc, CgtoolsError):
+                message = str(exc)
+            elif isinstance(exc, OSError):
+                message = _os_message(exc)
+            else:
+                message = ("out of memory; lower --batch-size (or the model's --width), or use a machine "
+                           "with more memory")
             click.echo(f"cgtools {name}: error: {message}".replace("  ", " "), err=True)
             ctx.exit(1)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocator failures (CPU: 'not enough memory', CUDA: 'out of memory')."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "not enough memory" in text or "out of memory" in text
 
 
 def _os_message(exc: OSError) -> str:
@@ -114,4 +134,5 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
     except KeyboardInterrupt:
+        sys.stderr.write("cgtools: interrupted\n")
         sys.exit(130)

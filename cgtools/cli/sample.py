@@ -52,7 +52,7 @@ def sample(
     from cgtools.formats.files import check_output, open_input
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
-    from cgtools.grammar.source import resolve_grammar
+    from cgtools.grammar.source import check_same_grammar, resolve_grammar
     from cgtools.training.generate import SampleConfig, exact_model, generate, write_samples
     from cgtools.training.presets import process_config
     from cgtools.training.trained import load_model
@@ -88,7 +88,11 @@ def sample(
     if from_data is not None:
         src = open_input(from_data)
         sources.append(src)
-        tokens = SequencesTable(src).read_column(length=model.length)
+        from_table = SequencesTable(src)
+        if g is not None and gsource is None:
+            check_same_grammar(g, from_table, "was drawn from a different grammar than the model's; "
+                                              "give --grammar FILE to denoise it anyway")
+        tokens = from_table.read_column(length=model.length)
     cfg = SampleConfig(num=num or 0, seed=seed, steps=steps, batch_size=batch_size, final_step=final,
                        cache=cache, noise=noise)
     result = generate(model, cfg, from_tokens=tokens, device=device)

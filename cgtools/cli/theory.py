@@ -53,7 +53,7 @@ def theory(
         return
     emit_table([
         ("length d", str(t["length"])),
-        ("sentences", str(t["n_sentences"]) if t["log10_n_sentences"] < 30 else f"10^{t['log10_n_sentences']:.2f}"),
+        ("sentences", str(t["n_sentences"]) if t["log10_n_sentences"] < 30 else f"10^{fmt(t['log10_n_sentences'])}"),
         ("f = m/v^(s-1)", fmt(t["f"])),
         ("P* = P_L", fmt(t["p_star"])),
     ], ("quantity", "value"))

@@ -49,6 +49,7 @@ def train(
     seed: Annotated[Optional[int], Opt("--seed", min=0, help="Seed of the weights, data order and noise.")] = None,
     device: Annotated[str, Opt("--device", help="'cpu' or 'cuda' (bf16 autocast on CUDA).")] = "cpu",
     threads: Annotated[Optional[int], Opt("--threads", min=1, help="CPU threads (default: torch's).")] = None,
+    allow_overlap: Annotated[bool, Opt("--allow-overlap", help="Accept validation sentences that also occur in DATA.")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
     force: ForceOpt = False,
 ) -> None:
@@ -84,7 +85,7 @@ def train(
         torch.set_num_threads(threads)
     sources = [open_input(data), open_input(val)]
     table, val_table = (SequencesTable(s) for s in sources)
-    data_set = training_data(table, val_table)
+    data_set = training_data(table, val_table, online=online, allow_overlap=allow_overlap)
     settings = dict(
         width=width, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_schedule=lr_schedule, decay_start=decay_start, warmup=warmup,

@@ -10,17 +10,23 @@ grammar (null for data without one), provenance, the step, and (for resumable ch
 optimizer's scalar state and param-group settings, so nothing but this file is needed to rebuild
 the model or continue training. Version 1 files (before architectures had names) are read as
 `"arch": "unet"`.
+
+Integrity: `"integrity": {"algorithm": "crc32", "tensors": {name: checksum}}` holds a CRC-32 of
+every tensor's bytes, written with the file and verified on every load, so a flipped byte inside a
+weight tensor is an error naming the file and the tensor instead of a silently wrong model (files
+written before integrity checks carry no such entry and load unchecked).
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cgtools.errors import SchemaError
+from cgtools.errors import InputError, SchemaError
 from cgtools.formats import metadata
 from cgtools.formats.files import InputFile, atomic_output, file_kind, read_safetensors_metadata
 
@@ -66,6 +72,7 @@ def save_checkpoint(path: str | Path, model: dict[str, torch.Tensor], meta: dict
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
+    meta["integrity"] = {"algorithm": "crc32", "tensors": {k: tensor_checksum(v) for k, v in tensors.items()}}
     blob = save(tensors, metadata={metadata.METADATA_KEY: json.dumps({"schema": CHECKPOINT_SCHEMA, **meta})})
     with atomic_output(str(path), force) as f:
         f.write(blob)
@@ -84,7 +91,12 @@ class Checkpoint:
             raise SchemaError(f"{source.display()}: expected a {CHECKPOINT_SCHEMA} file, got {meta.get('schema')!r}")
         meta.setdefault("arch", "unet")  # checkpoint/1 predates named architectures
         self.source, self.meta = source, meta
-        tensors = load(source.data) if source.data is not None else load_file(source.name)
+        try:
+            tensors = load(source.data) if source.data is not None else load_file(source.name)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{source.display()}: damaged checkpoint, cannot read its tensors ({first})") from None
+        verify_checksums(tensors, meta.get("integrity"), source.display())
         self.model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
         self._tensors = tensors
@@ -94,3 +106,22 @@ class Checkpoint:
         if "optimizer" not in self.meta:
             return None
         return _optimizer_state(self._tensors, self.meta["optimizer"])
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes in memory order (any dtype; CPU)."""
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0
+
+
+def verify_checksums(tensors: dict[str, torch.Tensor], integrity: dict | None, where: str) -> None:
+    """InputError naming the first tensor whose bytes do not match the recorded checksum."""
+    if not integrity:
+        return
+    recorded = integrity.get("tensors", {})
+    if set(recorded) != set(tensors):
+        raise InputError(f"{where}: damaged checkpoint: the tensors are not the ones it was written with")
+    for name in sorted(tensors):
+        if tensor_checksum(tensors[name]) != recorded[name]:
+            raise InputError(f"{where}: damaged checkpoint: the data of tensor {name!r} does not match its "
+                             f"checksum (the file was modified or corrupted after it was written)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import struct
 import sys
 import tempfile
@@ -105,16 +106,61 @@ def atomic_output(name: str | os.PathLike, force: bool) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    sweep_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.filename is None:  # ENOSPC, EFBIG, EIO while writing: name the target
+                    raise OutputError(f"{name}: {exc.strerror or exc}; nothing was written") from None
+                raise
         publish(Path(tmp), target, force)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temp_prefix(target: Path) -> str:
+    """Hidden temporary name beside the target that says which process writes it."""
+    return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporaries of `target` left by writers that were killed (SIGKILL, power loss).
+
+    Only files named by :func:`_temp_prefix` on this host whose process no longer exists are
+    removed: a live writer's file (this process's, or another's) is never touched. Returns the
+    removed paths.
+    """
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    removed = []
+    try:
+        candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for path in candidates:
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def publish(tmp: Path, target: Path, force: bool) -> None:

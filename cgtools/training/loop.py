@@ -152,12 +152,12 @@ class Trainer:
         for key in ("arch", "model", "process", "grammar"):
             if ckpt.meta.get(key) != self.meta.get(key):
                 raise ConfigError(f"{self.run_dir} was trained with a different {key} config"
-                                  f"{_first_difference(ckpt.meta.get(key), self.meta.get(key))}; "
+                                  f"{_differences(ckpt.meta.get(key), self.meta.get(key))}; "
                                   f"start a new run directory or repeat the original flags")
         old, new = _trajectory(ckpt.meta.get("train", {})), _trajectory(self.meta["train"])
         if old != new:
             raise ConfigError(f"{self.run_dir} was trained with different training settings"
-                              f"{_first_difference(old, new)}; only --steps (with a constant lr), "
+                              f"{_differences(old, new)}; only --steps (with a constant lr), "
                               f"--patience and evaluation settings may change")
         self.model.network.load_state_dict(ckpt.model)
         state = ckpt.optimizer_state()
@@ -303,18 +303,62 @@ class Trainer:
         return TrainResult(self.step, self.best_step, self.best_val, stopped_early, self.rows)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to clobber an existing run unless --force (or --resume to continue it)."""
+RUN_OUTPUTS = ("model.safetensors", "last.safetensors", "metrics.parquet")
+
+
+def _run_contents(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(checkpoints, foreign files) in a run directory: what a new run would destroy.
+
+    Checkpoints are model/last/step_* safetensors; foreign files are anything cgtools did not
+    write there (a user's notes, other data). metrics.parquet, an empty checkpoints/ and hidden
+    temporaries are neither: a run that died before its first checkpoint leaves only those.
+    """
+    checkpoints, foreign = [], []
+    if not run_dir.exists():
+        return checkpoints, foreign
+    for p in run_dir.iterdir():
+        if p.name in ("model.safetensors", "last.safetensors"):
+            checkpoints.append(p)
+        elif p.name == "checkpoints" and p.is_dir():
+            for q in p.iterdir():
+                if q.name.startswith("step_") and q.suffix == ".safetensors":
+                    checkpoints.append(q)
+                elif not q.name.startswith("."):
+                    foreign.append(q)
+        elif p.name == "metrics.parquet" or p.name.startswith("."):
+            continue
+        else:
+            foreign.append(p)
+    return checkpoints, foreign
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> bool:
+    """Make RUN_DIR ready; True when there is a run to resume (RUN_DIR/last.safetensors).
+
+    Never destroys a run or a user's file without --force: a directory holding checkpoints needs
+    --resume (continue) or --force (start over); one holding files cgtools did not write needs
+    --force. A directory with no checkpoint yet (a run that died early, e.g. on a full disk)
+    counts as empty, with or without --resume.
+    """
+    if resume and (run_dir / "last.safetensors").exists():
+        return True
+    checkpoints, foreign = _run_contents(run_dir)
+    if not force:
+        if foreign:
+            raise OutputError(f"{run_dir} is not empty (it holds {foreign[0].name}, not written by cgtools train); "
+                              f"use another run directory or --force to overwrite it")
+        if checkpoints:
+            hint = ("it has checkpoints but no last.safetensors to resume from" if resume
+                    else "it holds a run; use --resume to continue it")
+            raise OutputError(f"{run_dir} is not empty: {hint}, or --force to overwrite it")
     if resume:
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise OutputError(f"{run_dir} is not empty; use --resume to continue that run or --force to overwrite it")
-        for name in ("model.safetensors", "last.safetensors", "metrics.parquet"):
-            (run_dir / name).unlink(missing_ok=True)
-        for p in (run_dir / "checkpoints").glob("step_*.safetensors"):
-            p.unlink()
+        log.info("%s: nothing to resume yet; starting the run", run_dir)
+    for name in RUN_OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    for p in checkpoints:
+        p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | None,
@@ -326,8 +370,13 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
     dist = init_distributed(device)
     if dist.world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
-    if dist.main:
-        prepare_run_dir(run_dir, resume, force)
+    resuming = prepare_run_dir(run_dir, resume, force) if dist.main else resume
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        flag = torch.tensor([int(resuming)])
+        tdist.broadcast(flag, 0)  # every rank resumes, or none does
+        resuming = bool(flag.item())
     meta = {"arch": run.arch, "model": json.loads(run.model.to_json()),
             "process": json.loads(run.process.to_json()), "train": cfg.to_dict(),
             "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance}
@@ -335,7 +384,7 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
                         meta=meta)
     trainer = Trainer(model, cfg, run_dir, train_tokens=train_tokens, val_tokens=val_tokens,
                       grammar=grammar, meta=meta, device=device, dist=dist)
-    if resume:
+    if resuming:
         trainer.resume()
     result = trainer.run(stop_after=stop_after)
     if dist.world > 1:
@@ -354,13 +403,16 @@ def _trajectory(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in free}
 
 
-def _first_difference(old, new) -> str:
-    """': KEY was OLD, now NEW' for the first differing key of two settings dicts ('' if none)."""
+def _differences(old, new) -> str:
+    """' (KEY: OLD -> NEW; ...)' listing every differing key of two settings dicts ('' if none)."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return ""
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            if isinstance(old.get(key), (dict, list)) or isinstance(new.get(key), (dict, list)):
-                return f" ({key} differs)"
-            return f" ({key} was {old.get(key)!r}, now {new.get(key)!r})"
-    return ""
+    parts = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+                parts.append(f"{key} differs")
+            else:
+                parts.append(f"{key}: {a!r} -> {b!r}")
+    return f" ({'; '.join(parts)})" if parts else ""
