@@ -10,13 +10,27 @@ from typing import Iterator
 LOGGER_NAME = "cgtools"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler bound to whatever sys.stderr is at the time of each message (test runners
+    and embedding applications swap it; a handler holding the old stream would write to a closed
+    file)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; ignore
+        pass
+
+
 def setup_logging(verbosity: int) -> None:
     """Install one stderr handler on the `cgtools` logger: -1 quiet, 0 warnings+info, >=1 debug."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     if not any(getattr(h, "_cgtools", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._cgtools = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -214,3 +214,14 @@ def test_the_unet_refuses_lengths_that_are_not_powers_of_its_branching():
     with pytest.raises(ConfigError, match="contradicts the grammar"):
         resolve_run("cpu", process="uniform", arch="unet", data=RHM, settings={"branching": 3})
     assert arch_registry.architecture_names()[0] == "unet"
+
+
+def test_the_cli_starts_without_importing_torch():
+    """Registering every command imports their modules; torch (~3 s) must wait for a command that
+    needs it, so `cgtools --help` and typos answer at once."""
+    import subprocess
+    import sys
+
+    code = "import sys, cgtools.cli.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

@@ -46,13 +46,15 @@ optimistic (real messages are sometimes confidently wrong); compare with the exa
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from cgtools.diffusion.base import Process
 from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import check_parameters
+
+if TYPE_CHECKING:  # torch-free at import: `cgtools --help` must stay fast
+    from cgtools.diffusion.base import Process
 
 
 def noise_grid(spec: str) -> list[float]:

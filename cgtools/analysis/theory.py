@@ -15,12 +15,14 @@ f = m / v^(s-1) is the fraction of s-tuples that are productions of some symbol.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cgtools.analysis.mean_field import mean_field
-from cgtools.diffusion.base import Process
 from cgtools.errors import ConfigError
 from cgtools.grammar.rhm import check_parameters
+
+if TYPE_CHECKING:  # torch-free at import: `cgtools --help` must stay fast
+    from cgtools.diffusion.base import Process
 
 
 EXACT_COUNT_DIGITS = 300  # sentence counts with more digits are given as log10 only
