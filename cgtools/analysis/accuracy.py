@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
 
 from cgtools.errors import InputError
 from cgtools.grammar.parse import Parser
 from cgtools.grammar.rhm import Grammar
 from cgtools.logs import progress
+
+ACCURACY_KIND = "accuracy"  # the kind of the results table written by `measure-accuracy -o`
+ACCURACY_COLUMNS = ("level", "accuracy", "n", "memorized", "novel_valid")
 
 
 @dataclass
@@ -30,6 +34,19 @@ class AccuracyReport:
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def accuracy_columns(report: AccuracyReport) -> dict[str, pa.Array]:
+    """Columns of an 'accuracy' results table: one row per level l = 1..L with level, accuracy
+    (A_l), n, memorized and novel_valid (the same on every row; null without a training set)."""
+    levels = len(report.accuracy)
+    return {  # keys: ACCURACY_COLUMNS
+        "level": pa.array(range(1, levels + 1), pa.int64()),
+        "accuracy": pa.array(report.accuracy, pa.float64()),
+        "n": pa.array([report.n] * levels, pa.int64()),
+        "memorized": pa.array([report.memorized] * levels, pa.float64()),
+        "novel_valid": pa.array([report.novel_valid] * levels, pa.float64()),
+    }
 
 
 def row_keys(tokens: np.ndarray, vocab: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Figure and summary of the forward-backward phase transition (pipelines/phase_transition).
 
 Reads fb_<process>_L<L>.parquet (cgtools forward-backward sweeps) and mf_<process>_L<L>.json
-(cgtools theory --noise-grid) from OUT and draws, for each process (rows):
+(cgtools theory --noise-grid) from OUT and draws, with cgtools.plots.phase_transition (the
+figure of `cgtools plot phase-transition`), for each process (rows):
   (a) the fraction of changed nodes per level vs noise at the main depth, with the mean field;
   (b) the root's kept probability vs noise for every depth, with the mean field at the deepest;
   (c) the susceptibility χ = Σ_{r≥1} C(r) of token changes vs noise for every depth.
@@ -20,12 +21,12 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from cgtools.formats.files import open_input
+from cgtools.formats.results import read_results
+from cgtools.plots.phase_transition import TransitionCurve, curve_from_results, draw
+from cgtools.plots.style import save_figure
 
 
 def crossing(x: np.ndarray, y: np.ndarray, level: float) -> float | None:
@@ -61,10 +62,12 @@ def curve_crossing(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> float | None:
     return float(x[i] + (x[i + 1] - x[i]) * diff[i] / (diff[i] - diff[i + 1]))
 
 
-def load(out: Path, process: str, depth: int) -> tuple[dict, dict]:
-    table = pq.read_table(out / f"fb_{process}_L{depth}.parquet").to_pydict()
-    theory = json.loads((out / f"mf_{process}_L{depth}.json").read_text())["mean_field"]
-    return table, theory
+def load(out: Path, process: str, depth: int) -> TransitionCurve:
+    """The sweep fb_<process>_L<depth>.parquet with its mean field mf_<process>_L<depth>.json."""
+    curve = curve_from_results(read_results(open_input(out / f"fb_{process}_L{depth}.parquet"),
+                                            kind="forward-backward"))
+    curve.mean_field = json.loads((out / f"mf_{process}_L{depth}.json").read_text())["mean_field"]
+    return curve
 
 
 def main() -> None:
@@ -79,55 +82,27 @@ def main() -> None:
     depths = sorted(args.depths)
     main_depth = args.main_depth if args.main_depth in depths else depths[-1]
 
-    fig, axes = plt.subplots(len(args.processes), 3, figsize=(15, 4.4 * len(args.processes)), squeeze=False)
+    curves = [load(args.out, process, depth) for process in args.processes for depth in depths]
+    # the figure is `cgtools plot phase-transition`'s (cgtools.plots.phase_transition)
+    save_figure(draw(curves, main_depth), args.figure, force=True, dpi=80)
+
     summary: dict = {}
-    depth_colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(depths)))
-    for row, process in enumerate(args.processes):
-        ax_levels, ax_root, ax_chi = axes[row]
-        # (a) every level at the main depth
-        table, theory = load(args.out, process, main_depth)
-        noise = np.array(table["noise"])
-        changed = np.array(table["changed"])  # [noise, level]
-        mf_noise, mf_changed = np.array(theory["noise"]), np.array(theory["changed"])
-        level_colors = plt.cm.plasma(np.linspace(0.0, 0.85, main_depth + 1))
-        for level in range(main_depth + 1):
-            name = "tokens" if level == 0 else ("root" if level == main_depth else f"level {level}")
-            ax_levels.plot(noise, changed[:, level], "o-", ms=3, color=level_colors[level], label=name)
-            ax_levels.plot(mf_noise, mf_changed[:, level], "--", lw=1, color=level_colors[level])
-        ax_levels.set(xlabel="noise E", ylabel="fraction of nodes changed",
-                      title=f"{process}: L = {main_depth}, per level (dashed: mean field)")
-        ax_levels.legend(fontsize=7, loc="upper left")
-        # (b) the root for every depth, (c) the susceptibility
+    for process in args.processes:
         summary[process] = {}
         previous = None
-        for color, depth in zip(depth_colors, depths):
-            table, theory = load(args.out, process, depth)
-            noise = np.array(table["noise"])
-            kept = np.array(table["root_kept_expected"])
-            chi = np.array(table["susceptibility"])
-            ax_root.plot(noise, kept, "o-", ms=2.5, color=color, label=f"L = {depth}")
-            ax_chi.plot(noise, chi, "o-", ms=2.5, color=color, label=f"L = {depth}")
-            peak = int(np.argmax(chi))
-            summary[process][depth] = {
-                **root_transition(noise, kept),
-                "chi_peak_noise": float(noise[peak]), "chi_peak": float(chi[peak]),
-                "mean_field_midpoint": theory["transition_noise"],
-                "mean_field_critical_noise": theory["critical_noise"],
-                "sentences": int(table["n"][0]),
+        for c in (c for c in curves if c.process == process):
+            chi = c.susceptibility if c.susceptibility is not None else np.full_like(c.noise, np.nan)
+            peak = int(np.nanargmax(chi)) if np.isfinite(chi).any() else 0
+            summary[process][c.depth] = {
+                **root_transition(c.noise, c.root_kept),
+                "chi_peak_noise": float(c.noise[peak]), "chi_peak": float(chi[peak]),
+                "mean_field_midpoint": c.mean_field["transition_noise"],
+                "mean_field_critical_noise": c.mean_field["critical_noise"],
+                "sentences": c.n_pairs,
                 # finite-size crossing of the root curves of depths L-1 and L: estimates E_c
-                "crossing_with_previous_depth": None if previous is None else curve_crossing(noise, previous, kept),
+                "crossing_with_previous_depth": None if previous is None else curve_crossing(c.noise, previous, c.root_kept),
             }
-            previous = kept
-        deepest = load(args.out, process, depths[-1])[1]
-        ax_root.plot(deepest["noise"], deepest["root_kept"], "k--", lw=1, label=f"mean field L = {depths[-1]}")
-        if deepest["critical_noise"] is not None:
-            ax_root.axvline(deepest["critical_noise"], color="k", ls=":", lw=1, label="mean field E_c (L → ∞)")
-        ax_root.set(xlabel="noise E", ylabel="P(root class kept)", title=f"{process}: root class vs depth")
-        ax_root.legend(fontsize=7)
-        ax_chi.set(xlabel="noise E", ylabel="χ = Σ_{r≥1} C(r)", title=f"{process}: susceptibility of token changes")
-        ax_chi.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.figure, dpi=80)
+            previous = c.root_kept
 
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=1) + "\n")
