@@ -158,13 +158,62 @@ def data(tmp_path):
     return path
 
 
+def load_data(path):
+    """(grammar, tokens [N, d]) of a sequences table, read as the library reads it."""
+    from cgtools.formats.files import open_input
+    from cgtools.formats.sequences import SequencesTable
+    from cgtools.grammar.source import resolve_grammar
+
+    table = SequencesTable(open_input(str(path)))
+    g = resolve_grammar(None, table)
+    return g, table.read_column(length=g.length)
+
+
 def test_cli_single_noise_json_contract(data):
+    """The JSON line is the library's result for the same sentences, noise and seed (was: range
+    checks only); the plain table prints the same numbers."""
     res = run("forward-backward", data, "--noise", 0.3, "--json", "--threads", 1)
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
     assert len(out["changed"]) == 4 and out["noise"] == 0.3 and out["n"] == 200
-    assert 0 <= out["root_kept"] <= 1 and len(out["correlation"]) == 8
+    assert len(out["correlation"]) == 8
     assert "susceptibility" in out and out["process"] == "uniform"
+    g, tokens = load_data(data)
+    (lib,) = forward_backward(g, [tokens], [0.3], noise_process("uniform", g.vocab), seed=0)
+    assert out == json.loads(json.dumps(lib.to_json()))  # same computation: equal to the bit
+    assert out["root_kept"] == pytest.approx(1 - out["changed"][-1], abs=1e-15)
+    assert out["susceptibility"] == pytest.approx(sum(out["correlation"][1:]), rel=1e-12)
+    # a different seed gives other draws: the equality above is not trivially met
+    (other,) = forward_backward(g, [tokens], [0.3], noise_process("uniform", g.vocab), seed=1)
+    assert other.changed != out["changed"]
+    res = run("forward-backward", data, "--noise", 0.3, "--threads", 1)
+    assert res.exit_code == 0, res.stderr
+    header, row = (line.split() for line in res.stdout.strip().splitlines())
+    assert header == ["noise", "changed_0", "changed_1", "changed_2", "changed_3", "root_kept", "chi"]
+    expected = [0.3, *out["changed"], out["root_kept"], out["susceptibility"]]
+    assert [float(x) for x in row] == pytest.approx(expected, abs=5.1e-5)  # printed to 4 decimals
+
+
+def test_cli_full_noise_draws_from_the_prior(data):
+    """Uniform noise at E = 1 erases x_t's information: BP's x̂0 is a prior sample independent of
+    x0, so a token is kept with probability prior_i(x0_i), the prior marginal of its clean symbol
+    (enumerated over all 1024 derivations). changed_expected[0] = 1 - mean_i,x0 prior_i(x0_i)
+    exactly; changed[0] is a mean over n = 200 sentences x 4 draws of per-sentence means of
+    indicators, within Z sqrt(p(1 - p)/n) of it (false alarm TEST_FAILURE_RATE). (The closed form
+    (v-1)/v = 7/8 assumes uniform token marginals; with m = 2 this grammar's are far from uniform,
+    p = 0.80, so the enumerated prior is the reference.) The root is kept w.p. 1/n_classes."""
+    res = run("forward-backward", data, "--noise", 1, "--repeats", 4, "--json", "--seed", 3)
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    g, tokens = load_data(data)
+    leaves = all_trees(g)[0]  # [N, d], all derivations equally likely
+    prior = np.stack([(leaves == a).mean(0) for a in range(g.vocab)], -1)  # [d, v]
+    kept = prior[np.arange(g.length), tokens].mean()
+    assert out["n"] == 800
+    assert out["changed_expected"][0] == pytest.approx(1 - kept, abs=1e-9)
+    p = 1 - kept
+    assert abs(out["changed"][0] - p) < Z * math.sqrt(p * (1 - p) / out["n"])
+    assert out["root_kept_expected"] == pytest.approx(1 / g.n_classes, abs=1e-9)
 
 
 def test_cli_sweep_writes_one_row_per_noise_level(data, tmp_path):
@@ -264,14 +313,36 @@ def test_cli_model_denoiser_results_and_metadata(model_data, checkpoints, tmp_pa
     assert res.exit_code == 0, res.stderr
     table = pq.read_table(out)
     assert table.num_rows == 3 and table.column("n").to_pylist() == [128] * 3
-    for changed in table.column("changed").to_pylist():
-        assert len(changed) == 4 and all(0.0 <= c <= 1.0 for c in changed)
-    assert all(0.0 <= x <= 1.0 for x in table.column("grammatical").to_pylist())
+    # was: 0 <= changed, grammatical <= 1 only. Now every row equals the library's experiment
+    # with the same model, sentences (the first 64), steps, repeats and seed, and the JSON lines
+    # of the same command equal the table's rows.
+    from cgtools.inference.forward_backward import model_sampler
+    from cgtools.training.trained import load_model
+
+    g, tokens = load_data(model_data)
+    model = load_model(str(ckpt))
+    lib = forward_backward(g, [tokens[:64]], [0.0, 0.5, 1.0], model.process, seed=0, repeats=2,
+                           sampler=model_sampler(model, g, steps=5))
+    rows = table.to_pylist()
+    for row, r in zip(rows, lib):
+        expected = r.to_json()
+        assert expected.pop("correlation_mode") == "covariance"  # table metadata, not a column
+        assert {k: row[k] for k in expected} == expected
+        assert [row[f"changed_{level}"] for level in range(4)] == row["changed"]
+        assert row["root_kept"] == 1 - row["changed"][-1]
+    assert rows[2]["changed"][-1] > 0 and rows[2]["grammatical"] < 1  # E = 1 really changes sentences
+    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--steps", 5,
+              "-n", 64, "--repeats", 2, "--threads", 1, "--json")
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert lines == [json.loads(json.dumps(r.to_json())) for r in lib]
+    assert [{k: row[k] for k in line if k != "correlation_mode"} for line, row in zip(lines, rows)] == \
+        [{k: v for k, v in line.items() if k != "correlation_mode"} for line in lines]
     assert table.column("changed_expected").to_pylist() == [None] * 3
     assert table.column("root_kept_expected").to_pylist() == [None] * 3
     assert table.column("changed_0").to_pylist()[0] == 0.0
     meta = json.loads(table.schema.metadata[b"cgtools"])
-    assert meta["denoiser"] == str(ckpt)
+    assert meta["denoiser"] == str(ckpt) and meta["correlation"] == "covariance" and meta["repeats"] == 2
     assert meta["model"]["steps"] == 5 and meta["model"]["final_step"] == "argmax"
     assert meta["model"]["process"]["process"] == "uniform" and meta["model"]["process"]["T"] == 20
     assert meta["provenance"]["inputs"][str(ckpt)] == hashlib.sha256(ckpt.read_bytes()).hexdigest()

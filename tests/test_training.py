@@ -173,24 +173,48 @@ def test_presets_and_flags():
 
 
 def test_train_cli_refuses_to_clobber_a_run(tmp_path):
+    """A non-empty run directory is refused with a one-line error and left as it was; --device
+    cuda without a GPU is refused before anything is written (was: the exit code only); the same
+    command on an empty directory does train (so the refusals are not a broken command)."""
     out = tmp_path / "d.parquet"
-    runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "20", "-o", str(out)])
+    res = runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "20", "-o", str(out)])
+    assert res.exit_code == 0, res.stderr
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
-    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(run_dir), "--steps", "2"])
-    assert res.exit_code == 1 and "not empty" in res.stderr
-    assert (run_dir / "notes.txt").read_text() == "mine"
-    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(tmp_path / "r2"), "--device", "cuda"])
-    assert res.exit_code == (0 if torch.cuda.is_available() else 1)
+    small = ["--steps", "2", "--width", "16", "--T", "20", "--eval-every", "2", "--sample-check", "0",
+             "--threads", "1", "--allow-overlap"]  # --val = DATA: only the run directory is under test
+    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(run_dir), *small])
+    assert res.exit_code == 1
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"cgtools train: error: {run_dir} is not empty") and "--force" in line
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"] and (run_dir / "notes.txt").read_text() == "mine"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(tmp_path / "r2"), *small,
+                              "--device", "cuda"])
+    if torch.cuda.is_available():
+        assert res.exit_code == 0, res.stderr
+        assert (tmp_path / "r2" / "model.safetensors").exists()
+    else:
+        assert res.exit_code == 1
+        (line,) = res.stderr.strip().splitlines()
+        assert line.startswith("cgtools train: error:") and "no CUDA device" in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no r2, nothing else
+    res = runner.invoke(app, ["train", str(out), "--val", str(out), "-o", str(tmp_path / "r3"), *small])
+    assert res.exit_code == 0, res.stderr
+    assert {"model.safetensors", "last.safetensors", "metrics.parquet"} <= {p.name for p in (tmp_path / "r3").iterdir()}
+    from cgtools.formats.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "r3" / "metrics.parquet")] == [2]
 
 
 def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
     """torchrun, 2 processes (gloo): each takes half of the global batch; the averaged gradient is
     the full-batch gradient, so the weights match a single-process run up to float rounding."""
     data = tmp_path / "d.parquet"
-    runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "24", "-o", str(data)])
-    args = ["train", str(data), "--val", str(data), "--steps", "6", "--batch-size", "8", "--width", "16",
+    res = runner.invoke(app, ["rhm-gen", "-L", "2", "-s", "2", "-v", "4", "-m", "2", "-n", "24", "-o", str(data)])
+    assert res.exit_code == 0, res.stderr
+    args = ["train", str(data), "--val", str(data), "--allow-overlap", "--steps", "6", "--batch-size", "8", "--width", "16",
             "--T", "20", "--eval-every", "3", "--sample-check", "0", "--threads", "1", "--lr", "0.5",
             # SGD: the step is linear in the gradient, so rounding differences stay rounding-sized
             # (Adam's g/sqrt(v) turns them into O(lr) steps on entries whose gradient is ~0)
@@ -208,3 +232,73 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+
+
+def _ema_trainer(tmp_path):
+    """A Trainer (EMA 0.5, SGD lr 0.5) after 3 steps: its EMA weights differ from the raw ones."""
+    from cgtools.training.trained import build_model
+
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model_cfg, proc, cfg = _configs(g, steps=8, eval_every=4, ema=0.5, sample_check=0)
+    meta = {"arch": "unet", "model": json.loads(model_cfg.to_json()), "process": json.loads(proc.to_json()),
+            "train": cfg.to_dict(), "grammar": g.to_json(), "provenance": {}}
+    model = build_model("unet", model_cfg, proc, seed=cfg.seed, grammar=g, meta=meta)
+    trainer = Trainer(model, cfg, tmp_path, train_tokens=tr, val_tokens=va, grammar=g, meta=meta)
+    model.network.train()
+    for _ in range(3):
+        trainer._train_step()
+    raw = {k: v.clone() for k, v in model.network.state_dict().items()}
+    ema = {k: v.clone() for k, v in trainer.ema.items()}
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+    return trainer, raw, ema
+
+
+@pytest.mark.parametrize("error", [RuntimeError("validation broke"), KeyboardInterrupt()])
+def test_failed_validation_restores_the_raw_weights_and_train_mode(tmp_path, error):
+    """Trainer.evaluate swaps the EMA weights in for validation; when validation raises (an error,
+    or Ctrl-C) the network must get its raw weights back and return to train mode. The patched
+    _evaluate first checks that the swap did happen (EMA weights, eval mode), so the test cannot
+    pass with an evaluate that never swaps."""
+    trainer, raw, ema = _ema_trainer(tmp_path)
+    net = trainer.model.network
+    seen = {}
+
+    def failing():
+        seen["ema"] = all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
+        seen["training"] = net.training
+        raise error
+
+    trainer._evaluate = failing
+    with pytest.raises(type(error)):
+        trainer.evaluate()
+    assert seen == {"ema": True, "training": False}
+    state = net.state_dict()
+    assert state.keys() == raw.keys() and all(torch.equal(state[k], raw[k]) for k in raw)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(trainer.ema[k], ema[k]) for k in ema)  # the average itself is untouched
+
+
+def test_ctrl_c_in_validation_saves_raw_weights_for_resume(tmp_path):
+    """Through Trainer.run: Ctrl-C during the first validation saves last.safetensors for --resume;
+    its model weights must be the raw ones (not the EMA that validation had swapped in) and its
+    ema the average, so resuming continues the same trajectory."""
+    trainer, _, _ = _ema_trainer(tmp_path)
+    trainer.step = 0  # run from the start: validation at step 4
+    net = trainer.model.network
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    trainer._evaluate = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.step == 4 and net.training
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "last.safetensors")
+    state = net.state_dict()
+    for k, v in state.items():
+        assert torch.equal(saved[f"model.{k}"], v.cpu()), k
+        assert torch.equal(saved[f"ema.{k}"], trainer.ema[k].cpu()), k
+    assert any(not torch.equal(state[k], trainer.ema[k]) for k in state if state[k].is_floating_point())
