@@ -308,8 +308,8 @@ def test_cli_model_denoiser_results_and_metadata(model_data, checkpoints, tmp_pa
 
     ckpt = checkpoints["uniform"]
     out = tmp_path / "fb.parquet"
-    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--steps", 5,
-              "-n", 64, "--repeats", 2, "--threads", 1, "-o", out)
+    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--sampling-steps", 5,
+              "--limit", 64, "--repeats", 2, "--threads", 1, "-o", out)
     assert res.exit_code == 0, res.stderr
     table = pq.read_table(out)
     assert table.num_rows == 3 and table.column("n").to_pylist() == [128] * 3
@@ -331,8 +331,8 @@ def test_cli_model_denoiser_results_and_metadata(model_data, checkpoints, tmp_pa
         assert [row[f"changed_{level}"] for level in range(4)] == row["changed"]
         assert row["root_kept"] == 1 - row["changed"][-1]
     assert rows[2]["changed"][-1] > 0 and rows[2]["grammatical"] < 1  # E = 1 really changes sentences
-    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--steps", 5,
-              "-n", 64, "--repeats", 2, "--threads", 1, "--json")
+    res = run("forward-backward", model_data, "--noise", "0,0.5,1", "--denoiser", ckpt, "--sampling-steps", 5,
+              "--limit", 64, "--repeats", 2, "--threads", 1, "--json")
     assert res.exit_code == 0, res.stderr
     lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
     assert lines == [json.loads(json.dumps(r.to_json())) for r in lib]
@@ -347,7 +347,7 @@ def test_cli_model_denoiser_results_and_metadata(model_data, checkpoints, tmp_pa
     assert meta["model"]["process"]["process"] == "uniform" and meta["model"]["process"]["T"] == 20
     assert meta["provenance"]["inputs"][str(ckpt)] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     # BP runs keep recording "bp"
-    res = run("forward-backward", model_data, "--noise", 0.5, "-n", 16, "-o", tmp_path / "bp.parquet")
+    res = run("forward-backward", model_data, "--noise", 0.5, "--limit", 16, "-o", tmp_path / "bp.parquet")
     assert res.exit_code == 0, res.stderr
     assert json.loads(pq.read_table(tmp_path / "bp.parquet").schema.metadata[b"cgtools"])["denoiser"] == "bp"
 
@@ -388,13 +388,13 @@ def test_cli_model_grammar_must_match(checkpoints, tmp_path):
 
 
 def test_cli_model_options(model_data, checkpoints, tmp_path):
-    res = run("forward-backward", model_data, "--steps", 5)
-    assert res.exit_code == 2 and "--steps" in res.stderr  # meaningless for BP
+    res = run("forward-backward", model_data, "--sampling-steps", 5)
+    assert res.exit_code == 2 and "--sampling-steps" in res.stderr  # meaningless for BP
     res = run("forward-backward", model_data, "--device", "cuda")
     assert res.exit_code == 2 and "--device" in res.stderr
     res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--device", "tpu")
     assert res.exit_code == 2
-    res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--steps", 21)
+    res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--sampling-steps", 21)
     _one_line_error(res, "1..T = 20")
     if not torch.cuda.is_available():
         res = run("forward-backward", model_data, "--denoiser", checkpoints["uniform"], "--device", "cuda")
@@ -485,3 +485,17 @@ def test_check_model_refusals():
     model.grammar = None
     with pytest.raises(InputError, match="carries no grammar"):
         check_model(model, g, "uniform")
+
+
+def test_old_flag_spellings_still_work_with_one_deprecation_line(model_data, checkpoints):
+    """--steps and -n/--num were renamed (--sampling-steps, --limit: one meaning per flag across
+    commands); for one release the old spellings give the same result plus a line on stderr."""
+    new = run("forward-backward", model_data, "--noise", 0.5, "--denoiser", checkpoints["uniform"],
+              "--sampling-steps", 5, "--limit", 16, "--json", "--threads", 1)
+    old = run("forward-backward", model_data, "--noise", 0.5, "--denoiser", checkpoints["uniform"],
+              "--steps", 5, "-n", 16, "--json", "--threads", 1)
+    assert new.exit_code == old.exit_code == 0, old.stderr
+    assert json.loads(new.stdout) == json.loads(old.stdout)
+    warnings = [line for line in old.stderr.splitlines() if "deprecated" in line]
+    assert len(warnings) == 2 and "--sampling-steps" in warnings[0] and "--limit" in warnings[1]
+    assert "deprecated" not in new.stderr

@@ -171,7 +171,7 @@ def test_a_registered_architecture_trains_samples_and_reloads_from_its_name(tmp_
                               "--steps", "2", "--eval-every", "2", "--batch-size", "8",
                               "--lr-scheme", "global", "--lr", "0.01", "--allow-overlap"])
     assert res.exit_code == 0, res.stderr
-    res = runner.invoke(app, ["sample", str(tmp_path / "cli" / "model.safetensors"), "-n", "4", "--steps", "3",
+    res = runner.invoke(app, ["sample", str(tmp_path / "cli" / "model.safetensors"), "-n", "4", "--sampling-steps", "3",
                               "-o", str(tmp_path / "s.parquet")])
     assert res.exit_code == 0, res.stderr
 

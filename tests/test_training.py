@@ -116,7 +116,7 @@ def test_checkpoints_are_safetensors_and_sample_needs_nothing_else(tmp_path):
         assert meta["schema"] == "checkpoint/2" and meta["grammar"]["vocab"] == 4
         assert meta["arch"] == "unet"
     out = tmp_path / "s.parquet"
-    res = runner.invoke(app, ["sample", str(tmp_path / "run" / "model.safetensors"), "-n", "5", "--steps", "4", "-o", str(out)])
+    res = runner.invoke(app, ["sample", str(tmp_path / "run" / "model.safetensors"), "-n", "5", "--sampling-steps", "4", "-o", str(out)])
     assert res.exit_code == 0, res.stderr
     res = runner.invoke(app, ["measure-accuracy", str(out), "--json"])
     assert json.loads(res.stdout)["n"] == 5

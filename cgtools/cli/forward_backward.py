@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, JsonOpt, SeedOpt, TagOpt
+from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, JsonOpt, LimitOpt, OldNumOpt,
+                                 OldStepsOpt, SamplingStepsOpt, SeedOpt, TagOpt, ThreadsOpt, check_device,
+                                 deprecated, use_threads)
 from cgtools.cli.output import emit_json, emit_table, fmt
 from cgtools.formats.files import open_input
 from cgtools.formats.results import parse_tags
@@ -17,15 +19,17 @@ def forward_backward(
     data: Annotated[str, typer.Argument(help="Clean sentences: a sequences table ('-' = stdin).", metavar="DATA")] = "-",
     noise: Annotated[str, typer.Option("--noise", "-e", help="Noise E in [0,1]: one value, a list 0.1,0.2 or a range START:STOP:COUNT (sweep).", metavar="SPEC")] = "0.5",
     process: Annotated[Optional[str], typer.Option("--process", help="'uniform': tokens redrawn uniformly with probability E; 'masked': masked with probability E [default: the checkpoint's with --denoiser CKPT, else uniform].")] = None,
-    denoiser: Annotated[str, typer.Option("--denoiser", help="'bp' (exact belief propagation) or a checkpoint written by `cgtools train` (RUN_DIR/model.safetensors).", metavar="bp|CKPT")] = "bp",
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Model only: respaced reverse steps (uniform: K of the T levels; masked: N grid points); the reverse pass starts at E's level and visits the grid points below it (default: every level).", metavar="K")] = None,
-    device: Annotated[str, typer.Option("--device", help="Model only: 'cpu' or 'cuda' (random numbers are drawn on the CPU either way).")] = "cpu",
+    denoiser: DenoiserOpt = None,
+    sampling_steps: SamplingStepsOpt = None,
+    steps: OldStepsOpt = None,
+    device: DeviceOpt = "cpu",
     grammar: GrammarOpt = None,
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Use only the first N sentences of DATA.")] = None,
+    limit: LimitOpt = None,
+    num: OldNumOpt = None,
     repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Independent noise draws per sentence and level.")] = 1,
     correlation: Annotated[str, typer.Option("--correlation", help="Token-change correlation C(r): 'covariance' (connected), 'pearson' (normalised) or 'none'.")] = "covariance",
     seed: SeedOpt = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch intra-op threads (default: torch's choice; 1 is often faster when other jobs share the cores).")] = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write one row per noise level to this Parquet table ('-' = stdout).", metavar="FILE")] = None,
     tag: TagOpt = None,
@@ -73,10 +77,13 @@ def forward_backward(
         raise typer.BadParameter(f"must be one of {', '.join(process_names())}", param_hint="--process")
     if correlation not in CORRELATION_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(CORRELATION_MODES)}", param_hint="--correlation")
+    steps = sampling_steps if sampling_steps is not None else deprecated("--steps", "--sampling-steps", steps)
+    num = limit if limit is not None else deprecated("-n/--num", "--limit", num)
+    denoiser = denoiser or "bp"
     use_model = denoiser != "bp"
     if not use_model:
         if steps is not None:
-            raise typer.BadParameter("only for a model denoiser (--denoiser CKPT)", param_hint="--steps")
+            raise typer.BadParameter("only for a model denoiser (--denoiser CKPT)", param_hint="--sampling-steps")
         if device != "cpu":
             raise typer.BadParameter("only for a model denoiser (--denoiser CKPT); BP runs on the CPU",
                                      param_hint="--device")
@@ -84,10 +91,7 @@ def forward_backward(
         raise typer.BadParameter("give the checkpoint as a file, not '-'", param_hint="--denoiser")
     noises = noise_grid(noise)
     check_device(device)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(threads)
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")
     if out is not None:

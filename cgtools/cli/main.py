@@ -109,6 +109,11 @@ COMMANDS = (
     ("train", "train", "train"),
     ("sample", "sample", "sample"),
     ("forward-backward", "forward_backward", "forward_backward"),
+    ("correlate", "correlate", "correlate"),
+    ("cluster", "cluster", "cluster"),
+    ("sensitivity", "sensitivity", "sensitivity"),
+    ("sample-complexity", "sample_complexity", "sample_complexity"),
+    ("plot", "plot", "plot"),
 )
 
 

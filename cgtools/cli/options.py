@@ -22,6 +22,47 @@ TagOpt = Annotated[
                  "tags become columns, so the tables of a sweep concatenate.", metavar="KEY=VALUE"),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per batch (memory vs speed).")]
+DenoiserOpt = Annotated[
+    Optional[str],
+    typer.Option("--denoiser", help="The model that denoises: 'bp' (exact belief propagation on the grammar) "
+                 "or a checkpoint written by `cgtools train` (RUN_DIR/model.safetensors).", metavar="bp|CKPT"),
+]
+SamplingStepsOpt = Annotated[
+    Optional[int],
+    typer.Option("--sampling-steps", min=1, help="Reverse-diffusion steps, respaced (uniform: K of the T "
+                 "levels; masked: N grid points) [default: every level].", metavar="K"),
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice; 1 is often faster "
+                 "when other jobs share the cores).", metavar="N"),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="'cpu' or 'cuda' (random numbers are drawn on the CPU "
+                                        "either way).", metavar="DEVICE")]
+LimitOpt = Annotated[
+    Optional[int],
+    typer.Option("--limit", min=1, help="Use only the first N sequences of the input.", metavar="N"),
+]
+# Old spellings, kept for one release: hidden from --help, a deprecation line on stderr when used.
+OldStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, hidden=True)]
+OldNumOpt = Annotated[Optional[int], typer.Option("--num", "-n", min=1, hidden=True)]
+
+
+def deprecated(old: str, new: str, value):
+    """Warn once on stderr that `old` is spelled `new` now, and pass the value on."""
+    import logging
+
+    if value is not None:
+        logging.getLogger("cgtools.cli").warning("%s is deprecated and will be removed; use %s", old, new)
+    return value
+
+
+def use_threads(threads: int | None) -> None:
+    """Apply --threads (torch's intra-op thread count); imports torch only when given."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def check_device(device: str) -> None:

@@ -7,22 +7,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import check_device, ForceOpt, GrammarOpt, OutOpt, SeedOpt
+from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, OldStepsOpt, OutOpt,
+                                 SamplingStepsOpt, SeedOpt, ThreadsOpt, check_device, deprecated,
+                                 use_threads)
 from cgtools.errors import ConfigError
 
 Opt = typer.Option
 
 
 def sample(
-    ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint (RUN_DIR/model.safetensors); optional with --denoiser bp.", metavar="CKPT")] = None,
+    ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint (RUN_DIR/model.safetensors): the same as --denoiser CKPT.", metavar="CKPT", show_default=False)] = None,
     num: Annotated[Optional[int], Opt("--num", "-n", min=0, help="Number of sequences (not with --from).")] = None,
     out: OutOpt = "-",
     seed: SeedOpt = 0,
-    steps: Annotated[Optional[int], Opt("--steps", min=1, help="Respaced reverse steps (default: all T levels).")] = None,
+    sampling_steps: SamplingStepsOpt = None,
+    steps: OldStepsOpt = None,
     batch_size: Annotated[int, Opt("--batch-size", min=1, help="Sequences per batch.")] = 512,
     final: Annotated[Optional[str], Opt("--final", help="Last step: 'argmax' (uniform default) or 'sample' (masked default).")] = None,
     cache: Annotated[Optional[bool], Opt("--cache/--no-cache", help="Masked: skip the network for rows that did not change (exact without time input; default on then).")] = None,
-    denoiser: Annotated[str, Opt("--denoiser", help="'model' (the checkpoint) or 'bp' (exact belief propagation on the grammar).")] = "model",
+    denoiser: DenoiserOpt = None,
     bp_output: Annotated[str, Opt("--bp-output", help="BP x0 prediction: 'cavity' (loss-optimal) or 'marginal' (double counts a token's own evidence).")] = "cavity",
     grammar: GrammarOpt = None,
     process: Annotated[Optional[str], Opt("--process", help="With --denoiser bp and no CKPT: 'uniform' or 'masked' (a CKPT knows its own).")] = None,
@@ -32,7 +35,8 @@ def sample(
     from_data: Annotated[Optional[Path], Opt("--from", help="Forward-backward: corrupt these sentences to --noise and denoise them.", metavar="DATA")] = None,
     noise: Annotated[Optional[float], Opt("--noise", min=0.0, max=1.0, help="Corruption E in [0, 1] for --from.")] = None,
     raw_weights: Annotated[bool, Opt("--raw-weights", help="Use the raw weights even if the checkpoint holds a weight average.")] = False,
-    device: Annotated[str, Opt("--device", help="'cpu' or 'cuda'.")] = "cpu",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Generate sequences from a trained model (or the exact BP denoiser) into a sequences table.
@@ -61,9 +65,17 @@ def sample(
         raise typer.BadParameter("give either -n/--num or --from DATA", param_hint="--num")
     if from_data is not None and noise is None:
         raise typer.BadParameter("--from needs --noise E", param_hint="--noise")
-    if denoiser not in ("model", "bp"):
-        raise typer.BadParameter("must be 'model' or 'bp'", param_hint="--denoiser")
+    steps = sampling_steps if sampling_steps is not None else deprecated("--steps", "--sampling-steps", steps)
+    if denoiser == "model":  # the old spelling: "the checkpoint given as CKPT"
+        deprecated("--denoiser model", "CKPT or --denoiser CKPT", denoiser)
+        denoiser = None
+    if denoiser not in (None, "bp"):
+        if ckpt is not None and Path(denoiser) != ckpt:
+            raise typer.BadParameter("name the model once: CKPT or --denoiser CKPT", param_hint="--denoiser")
+        ckpt, denoiser = Path(denoiser), None
+    denoiser = denoiser or "model"
     check_device(device)
+    use_threads(threads)
     check_output(out, force)
     sources = []
     model = None
@@ -73,7 +85,7 @@ def sample(
         if process is not None and process != model.process.name:
             raise ConfigError(f"{ckpt} was trained with {model.process.name} diffusion, not --process {process}")
     elif denoiser == "model":
-        raise typer.BadParameter("a checkpoint is needed unless --denoiser bp", param_hint="CKPT")
+        raise typer.BadParameter("give the model: CKPT, --denoiser CKPT or --denoiser bp", param_hint="CKPT")
     gsource = open_input(grammar) if grammar is not None else None
     if gsource is not None:
         sources.append(gsource)
