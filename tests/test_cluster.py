@@ -275,7 +275,7 @@ def test_cli_json_one_object_per_level(data):
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["level"] for r in rows] == [1, 2]
     assert all((r["context"], r["method"], r["oracle"]) == ("tuple", "gd1", True) for r in rows)
-    res = run("cluster", data, "--level", "1,2", "--num", 100)
+    res = run("cluster", data, "--level", "1,2", "--limit", 100)
     assert res.exit_code == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split()[:3] == ["level", "ari", "n"] and len(lines) == 3
@@ -284,7 +284,7 @@ def test_cli_json_one_object_per_level(data):
 
 def test_cli_results_table_with_tags(data, tmp_path):
     out = tmp_path / "c.parquet"
-    res = run("cluster", data, "--level", "all", "--num", 300, "--tag", "P=300", "--tag", "seed=0", "-o", out)
+    res = run("cluster", data, "--level", "all", "--limit", 300, "--tag", "P=300", "--tag", "seed=0", "-o", out)
     assert res.exit_code == 0, res.stderr
     assert res.stdout == ""
     table = pq.read_table(out)

@@ -242,7 +242,7 @@ def test_cli_json_table_and_results(trained, tmp_path):
     assert all(math.isfinite(s) and s >= 0 for row in out["sensitivity"] for s in row)
     assert out["n"] == [200, 200, 200] and out["noise"] == 0.0 and out["time"] == pytest.approx(1 / 20)
 
-    res = run("sensitivity", trained.ckpt, t[1], t[2], "--threads", 1, "-n", 50)
+    res = run("sensitivity", trained.ckpt, t[1], t[2], "--threads", 1, "--limit", 50)
     assert res.exit_code == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["block", "S_1", "S_2"] and [ln.split()[0] for ln in lines[1:]] == out["blocks"]
@@ -278,7 +278,7 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     _one_line_error(run("sensitivity", t[1], t[1]), "not a safetensors checkpoint")
     other = _gen(tmp_path / "other.parquet", "--perturb", 1, seed=1)
     _one_line_error(run("sensitivity", ckpt, other), "different grammar")
-    res = run("sensitivity", ckpt, other, "--grammar", other, "--json", "-n", 20)  # allowed with --grammar
+    res = run("sensitivity", ckpt, other, "--grammar", other, "--json", "--limit", 20)  # allowed with --grammar
     assert res.exit_code == 0, res.stderr
     # a table claiming a level the grammar does not have
     table = pq.read_table(t[1])

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import BatchOpt, ForceOpt, GrammarOpt, JsonOpt, SeedOpt, TagOpt
+from cgtools.cli.options import LimitOpt, BatchOpt, ForceOpt, GrammarOpt, JsonOpt, SeedOpt, TagOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
 
 
@@ -22,7 +22,7 @@ def cluster(
     weighted: Annotated[bool, typer.Option("--weighted", help="Weight each tuple value by its number of occurrences in k-means (default: every value counts once).")] = False,
     n_init: Annotated[int, typer.Option("--n-init", min=1, help="k-means restarts (k-means++ starts; the lowest inertia wins).")] = 10,
     gd_init: Annotated[str, typer.Option("--gd-init", help="gd1 only: start at 'marginal' (log of the context marginal, App. B) or 'zero'.")] = "marginal",
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Use only the first N sentences of DATA (a uniform sample of N: rhm-gen writes rows in random order).")] = None,
+    limit: LimitOpt = None,
     grammar: GrammarOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
@@ -52,7 +52,7 @@ def cluster(
 
       cgtools cluster data.parquet --level all --context tuple
 
-      for P in 1000 3000 10000; do cgtools cluster data.parquet --level 1 --num $P --tag P=$P -o c$P.parquet; done
+      for P in 1000 3000 10000; do cgtools cluster data.parquet --level 1 --limit $P --tag P=$P -o c$P.parquet; done
     """
     from cgtools.analysis.clustering import (RESULT_COLUMNS, RESULTS_KIND, ClusterConfig, cluster_levels,
                                              parse_levels, results_columns)
@@ -87,8 +87,8 @@ def cluster(
             raise ConfigError(f"--clusters must be 'classes', 'v' or a number, got {clusters!r}") from None
     config = ClusterConfig(context=context, method=method, oracle=oracle, node=node, position=position,
                            clusters=k, weighted=weighted, n_init=n_init, gd_init=gd_init, seed=seed)
-    total = table.num_rows if num is None else min(num, table.num_rows)
-    results = cluster_levels(lambda: _limited(table.iter_column(length=g.length, batch_size=batch_size), num),
+    total = table.rows(limit)
+    results = cluster_levels(lambda: table.iter_column(length=g.length, batch_size=batch_size, limit=limit),
                              g, levels, config, where=source.display(), total=total)
     if out is not None:
         prov = provenance("cluster", seed, [source] + ([gsource] if gsource else []))
@@ -105,15 +105,3 @@ def cluster(
     rows = [(str(r.level), fmt(r.ari), str(r.n), str(r.n_used), str(r.n_values), str(r.classes),
              str(r.clusters), r.context, r.method, str(r.oracle).lower()) for r in results]
     emit_table(rows, header)
-
-
-def _limited(batches, num):
-    if num is None:
-        yield from batches
-        return
-    left = num
-    for b in batches:
-        if left <= 0:
-            return
-        yield b[:left]
-        left -= b.shape[0]

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, JsonOpt, LimitOpt, OldNumOpt,
+from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, JsonOpt, LimitOpt, NoiseOpt, OldNumOpt,
+                                 ProcessOpt,
                                  OldStepsOpt, SamplingStepsOpt, SeedOpt, TagOpt, ThreadsOpt, check_device,
                                  deprecated, use_threads)
 from cgtools.cli.output import emit_json, emit_table, fmt
@@ -17,8 +18,8 @@ from cgtools.formats.results import parse_tags
 
 def forward_backward(
     data: Annotated[str, typer.Argument(help="Clean sentences: a sequences table ('-' = stdin).", metavar="DATA")] = "-",
-    noise: Annotated[str, typer.Option("--noise", "-e", help="Noise E in [0,1]: one value, a list 0.1,0.2 or a range START:STOP:COUNT (sweep).", metavar="SPEC")] = "0.5",
-    process: Annotated[Optional[str], typer.Option("--process", help="'uniform': tokens redrawn uniformly with probability E; 'masked': masked with probability E [default: the checkpoint's with --denoiser CKPT, else uniform].")] = None,
+    noise: NoiseOpt = "0.5",
+    process: ProcessOpt = None,
     denoiser: DenoiserOpt = None,
     sampling_steps: SamplingStepsOpt = None,
     steps: OldStepsOpt = None,
@@ -119,8 +120,8 @@ def forward_backward(
         meta = {"denoiser": csource.display(), "model": sampler.info()}
     else:
         noise_process = make_process(process_config(DEFAULT_PRESET, process or "uniform"), g.vocab)
-    batches = _limited(table.iter_column(length=g.length), num)
-    total = table.num_rows if num is None else min(num, table.num_rows)
+    batches = table.iter_column(length=g.length, limit=num)
+    total = table.rows(num)
     results = run(g, batches, noises, noise_process, seed=seed, repeats=repeats, correlation=correlation,
                   sampler=sampler, total=total, where=source.display())  # type: ignore[arg-type]
     if out is not None:
@@ -137,15 +138,3 @@ def forward_backward(
     rows = [(fmt(r.noise, 3),) + tuple(fmt(c, 4) for c in r.changed) + (fmt(r.root_kept, 4), fmt(r.susceptibility, 4))
             for r in results]
     emit_table(rows, header)
-
-
-def _limited(batches, num):
-    if num is None:
-        yield from batches
-        return
-    left = num
-    for b in batches:
-        if left <= 0:
-            return
-        yield b[:left]
-        left -= b.shape[0]

@@ -9,7 +9,8 @@ import typer
 
 OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output file ('-' = stdout).", metavar="FILE")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Random seed (non-negative).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Random seed (non-negative): every random draw of "
+                                     "the command follows from it.", metavar="SEED")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 GrammarOpt = Annotated[
     Optional[Path],
@@ -21,7 +22,32 @@ TagOpt = Annotated[
     typer.Option("--tag", help="Label the results table with KEY=VALUE (repeatable), e.g. --tag P=512 --tag seed=0; "
                  "tags become columns, so the tables of a sweep concatenate.", metavar="KEY=VALUE"),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per batch (memory vs speed).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Sequences processed at once (memory vs speed; "
+                                      "results do not depend on it unless the help says so).", metavar="B")]
+# The grammar's shape, for the commands that draw or describe a grammar.
+DepthOpt = Annotated[Optional[int], typer.Option("--depth", "-L", min=1, help="Depth L: levels of rules (d = s^L tokens).", metavar="L")]
+BranchingOpt = Annotated[Optional[int], typer.Option("--branching", "-s", min=2, help="Branching s: symbols per production (tuple size).", metavar="S")]
+VocabOpt = Annotated[Optional[int], typer.Option("--vocab", "-v", min=1, help="Vocabulary size v of every level.", metavar="V")]
+SynonymsOpt = Annotated[Optional[int], typer.Option("--synonyms", "-m", min=1, help="Synonyms m: productions per symbol.", metavar="M")]
+NClassesOpt = Annotated[Optional[int], typer.Option("--n-classes", min=1, help="Root symbols (default v).", metavar="N")]
+ProcessOpt = Annotated[
+    Optional[str],
+    typer.Option("--process", help="Noise process: 'uniform' (tokens redrawn uniformly, D3PM) or 'masked' "
+                 "(tokens masked, MD4).", metavar="PROCESS"),
+]
+PresetOpt = Annotated[str, typer.Option("--preset", help="Defaults (cgtools.training.presets): 'cpu' (fast on CPU), "
+                                        "'paper' (the paper's text) or 'reference-code' (the authors' public code); "
+                                        "explicit flags override them.", metavar="NAME")]
+TOpt = Annotated[Optional[int], typer.Option("--T", min=1, help="Noise levels of the uniform process (masked: steps "
+                                             "of a discrete-time bound) [default: the preset's].", metavar="T")]
+ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Noise schedule: uniform linear-beta, linear-alpha "
+                                                    "or cosine; masked linear or cosine [default: the preset's].",
+                                                    metavar="NAME")]
+NoiseOpt = Annotated[
+    Optional[str],
+    typer.Option("--noise", "-e", help="Corruption E in [0, 1]: the probability that a token was redrawn (uniform) "
+                 "or masked; commands that sweep take a list 0.1,0.2 or a range START:STOP:COUNT.", metavar="E"),
+]
 DenoiserOpt = Annotated[
     Optional[str],
     typer.Option("--denoiser", help="The model that denoises: 'bp' (exact belief propagation on the grammar) "
@@ -55,6 +81,18 @@ def deprecated(old: str, new: str, value):
     if value is not None:
         logging.getLogger("cgtools.cli").warning("%s is deprecated and will be removed; use %s", old, new)
     return value
+
+
+def single_noise(spec: str | None) -> float | None:
+    """One corruption level from --noise (a command that does not sweep); BadParameter otherwise."""
+    if spec is None:
+        return None
+    from cgtools.analysis.mean_field import noise_grid
+
+    values = noise_grid(spec)
+    if len(values) != 1:
+        raise typer.BadParameter("this command takes one noise level", param_hint="--noise")
+    return values[0]
 
 
 def use_threads(threads: int | None) -> None:

@@ -7,21 +7,22 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cgtools.cli.options import BatchOpt, ForceOpt, GrammarOpt, OutOpt, SeedOpt
+from cgtools.cli.options import (BatchOpt, BranchingOpt, DepthOpt, ForceOpt, GrammarOpt, NClassesOpt, OutOpt, SeedOpt,
+                                 SynonymsOpt, VocabOpt)
 from cgtools.formats.files import open_input
 from cgtools.formats.metadata import provenance
 from cgtools.grammar.dataset import GenerateConfig, GrammarSpec, exclusion_keys, resolve_grammar, write_dataset
 
 
 def rhm_gen(
-    num: Annotated[int, typer.Option("--num", "-n", min=0, help="Number P of distinct sentences.")],
-    depth: Annotated[Optional[int], typer.Option("--depth", "-L", min=1, help="Depth L (levels of rules).")] = None,
-    branching: Annotated[Optional[int], typer.Option("--branching", "-s", min=2, help="Branching s (tuple size).")] = None,
-    vocab: Annotated[Optional[int], typer.Option("--vocab", "-v", min=1, help="Vocabulary size v of every level.")] = None,
-    synonyms: Annotated[Optional[int], typer.Option("--synonyms", "-m", min=1, help="Productions m per symbol.")] = None,
-    n_classes: Annotated[Optional[int], typer.Option("--n-classes", min=1, help="Root symbols (default v).")] = None,
+    num: Annotated[int, typer.Option("--num", "-n", min=0, help="Number P of distinct sentences to write.", metavar="N")],
+    depth: DepthOpt = None,
+    branching: BranchingOpt = None,
+    vocab: VocabOpt = None,
+    synonyms: SynonymsOpt = None,
+    n_classes: NClassesOpt = None,
     seed: SeedOpt = 0,
-    grammar_seed: Annotated[Optional[int], typer.Option("--grammar-seed", min=0, help="Seed of the rules (default: --seed).")] = None,
+    grammar_seed: Annotated[Optional[int], typer.Option("--grammar-seed", min=0, help="Seed of the rules (default: --seed).", metavar="SEED")] = None,
     grammar: GrammarOpt = None,
     exclude: Annotated[Optional[List[Path]], typer.Option("--exclude", "-x", help="Sequences table whose sentences must not be drawn (repeatable).", metavar="FILE")] = None,
     latents: Annotated[bool, typer.Option("--latents", help="Add columns latent_1 … latent_L (latent_L = root).")] = False,

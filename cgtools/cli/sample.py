@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, OldStepsOpt, OutOpt,
-                                 SamplingStepsOpt, SeedOpt, ThreadsOpt, check_device, deprecated,
-                                 use_threads)
+from cgtools.cli.options import (DenoiserOpt, DeviceOpt, ForceOpt, GrammarOpt, NoiseOpt, OldStepsOpt, OutOpt,
+                                 PresetOpt, ProcessOpt, SamplingStepsOpt, ScheduleOpt, SeedOpt, ThreadsOpt, TOpt,
+                                 check_device, deprecated, single_noise, use_threads)
 from cgtools.errors import ConfigError
 
 Opt = typer.Option
@@ -28,18 +28,22 @@ def sample(
     denoiser: DenoiserOpt = None,
     bp_output: Annotated[str, Opt("--bp-output", help="BP x0 prediction: 'cavity' (loss-optimal) or 'marginal' (double counts a token's own evidence).")] = "cavity",
     grammar: GrammarOpt = None,
-    process: Annotated[Optional[str], Opt("--process", help="With --denoiser bp and no CKPT: 'uniform' or 'masked' (a CKPT knows its own).")] = None,
-    preset: Annotated[str, Opt("--preset", help="With --denoiser bp and no CKPT: the preset whose process settings to use.")] = "cpu",
-    T: Annotated[Optional[int], Opt("--T", min=1, help="With --denoiser bp and no CKPT: noise levels [default: the preset's, cpu: 100].")] = None,
-    schedule: Annotated[Optional[str], Opt("--schedule", help="With --denoiser bp and no CKPT: the noise schedule [default: the preset's].")] = None,
+    process: ProcessOpt = None,
+    preset: PresetOpt = "cpu",
+    T: TOpt = None,
+    schedule: ScheduleOpt = None,
     from_data: Annotated[Optional[Path], Opt("--from", help="Forward-backward: corrupt these sentences to --noise and denoise them.", metavar="DATA")] = None,
-    noise: Annotated[Optional[float], Opt("--noise", min=0.0, max=1.0, help="Corruption E in [0, 1] for --from.")] = None,
+    noise: NoiseOpt = None,
     raw_weights: Annotated[bool, Opt("--raw-weights", help="Use the raw weights even if the checkpoint holds a weight average.")] = False,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Generate sequences from a trained model (or the exact BP denoiser) into a sequences table.
+
+    The model is CKPT (or --denoiser CKPT), or --denoiser bp: exact belief propagation on the
+    grammar (--grammar, or the checkpoint's), with the checkpoint's noise process or, without one,
+    --process, --T and --schedule over the --preset's defaults.
 
     The output carries the checkpoint's grammar, so `measure-accuracy` needs nothing else. With
     --from DATA --noise E every sentence of DATA is corrupted to level E and denoised (a
@@ -61,6 +65,7 @@ def sample(
     from cgtools.training.presets import process_config
     from cgtools.training.trained import load_model
 
+    noise = single_noise(noise)
     if (from_data is None) == (num is None):
         raise typer.BadParameter("give either -n/--num or --from DATA", param_hint="--num")
     if from_data is not None and noise is None:

@@ -13,7 +13,7 @@ from cgtools.cli.output import emit_json, emit_table, fmt
 def sample_complexity(
     results: Annotated[List[str], typer.Argument(help="'accuracy' or 'cluster' results tables of a sweep, each tagged with P (and m, L, seed...).", metavar="RESULTS...")],
     threshold: Annotated[float, typer.Option("--threshold", help="P* is where the curve first rises through this value (the paper: A_L = 1/2).")] = 0.5,
-    level: Annotated[Optional[int], typer.Option("--level", "-l", min=1, help="Level whose accuracy (or ARI) is used [default: the last level of each group].")] = None,
+    level: Annotated[Optional[str], typer.Option("--level", "-l", help="Level l whose accuracy (or ARI) is used [default: the last level of each group].", metavar="L")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Comma-separated tags that define a group (one P* each) [default: m,L when present; cluster tables also their settings context, method, oracle, weighted, node, position when they vary].", metavar="TAG,...")] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write a 'sample-complexity' results table, one row per group ('-' = stdout).", metavar="TABLE")] = None,
@@ -52,7 +52,7 @@ def sample_complexity(
         check_output(out, force)
     sources = [open_input(path) for path in results]
     tables = [read_results(source, kind=tuple(QUANTITY)) for source in sources]
-    result = estimate(sweep_table(tables), threshold=threshold, level=level, by=by_tags)
+    result = estimate(sweep_table(tables), threshold=threshold, level=_one_level(level), by=by_tags)
     if out is not None:
         table = results_table(result.columns(), kind=SAMPLE_COMPLEXITY_KIND,
                               provenance=provenance("sample-complexity", None, sources),
@@ -76,3 +76,12 @@ def sample_complexity(
         err = f" ± {fmt(f.exponent_err, 3)}" if f.exponent_err is not None else ""
         theory = f" (theory: {f.theory_exponent})" if f.theory_exponent is not None else ""
         emit_table([(f"P* ∝ m^b{' at ' + where if where else ''}:", f"b = {fmt(f.exponent, 3)}{err}{theory}")])
+
+
+def _one_level(spec: str | None) -> int | None:
+    """--level is text in every command (cluster takes lists); here it is one level >= 1."""
+    if spec is None:
+        return None
+    if not spec.strip().isdigit() or int(spec) < 1:
+        raise typer.BadParameter("must be one level, an integer >= 1", param_hint="--level")
+    return int(spec)

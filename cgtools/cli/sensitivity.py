@@ -8,7 +8,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cgtools.cli.options import check_device, BatchOpt, ForceOpt, GrammarOpt, JsonOpt, SeedOpt, TagOpt
+from cgtools.cli.options import (BatchOpt, DeviceOpt, ForceOpt, GrammarOpt, JsonOpt, LimitOpt, NoiseOpt, SeedOpt,
+                                 TagOpt, ThreadsOpt, check_device, single_noise, use_threads)
 from cgtools.cli.output import emit_json, emit_table, fmt
 
 Opt = typer.Option
@@ -17,14 +18,14 @@ Opt = typer.Option
 def sensitivity(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint written by `cgtools train` (RUN_DIR/model.safetensors).", metavar="CKPT")],
     data: Annotated[List[Path], typer.Argument(help="Sequences tables with a 'perturbed' column (`rhm-gen --perturb LEVEL`), one per level; each table's level is read from its metadata.", metavar="DATA...")],
-    noise: Annotated[float, Opt("--noise", "-e", min=0.0, max=1.0, help="Corruption E in [0, 1] of the inputs (0: clean sentences at the lowest noise level of the reverse process).")] = 0.0,
+    noise: NoiseOpt = "0",
     grammar: GrammarOpt = None,
-    num: Annotated[Optional[int], Opt("--num", "-n", min=2, help="Use only the first N sentences of each DATA table.")] = None,
+    limit: LimitOpt = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     raw_weights: Annotated[bool, Opt("--raw-weights", help="Use the raw weights even if the checkpoint holds a weight average.")] = False,
-    device: Annotated[str, Opt("--device", help="'cpu' or 'cuda'.")] = "cpu",
-    threads: Annotated[Optional[int], Opt("--threads", min=1, help="Torch intra-op threads (default: torch's choice).")] = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], Opt("--out", "-o", help="Write one row per (block, level) to this Parquet results table ('-' = stdout).", metavar="TABLE")] = None,
     tag: TagOpt = None,
@@ -70,11 +71,9 @@ def sensitivity(
     from cgtools.inference.forward_backward import check_model
     from cgtools.training.trained import load_model
 
+    noise = single_noise(noise)
     check_device(device)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(threads)
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")
     tags = parse_tags(tag)
@@ -102,8 +101,8 @@ def sensitivity(
         sources.append(source)
         files.append({"level": level, "file": table.display(),
                       "mode": (table.meta.get("perturbation") or {}).get("mode")})
-    pairs = {lv: table_pairs(t, g.length, num=num) for lv, t in tables.items()}
-    total = sum(t.num_rows if num is None else min(num, t.num_rows) for t in tables.values())
+    pairs = {lv: table_pairs(t, g.length, num=limit) for lv, t in tables.items()}
+    total = sum(t.rows(limit) for t in tables.values())
     result = measure(model, pairs, noise=noise, batch_size=batch_size, seed=seed, device=device,
                      total=total, where={lv: t.display() for lv, t in tables.items()})
     if out is not None:

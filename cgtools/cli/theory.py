@@ -7,18 +7,18 @@ from typing import Annotated, Optional
 import typer
 
 from cgtools.analysis.theory import theory as predict
-from cgtools.cli.options import JsonOpt
+from cgtools.cli.options import BranchingOpt, DepthOpt, JsonOpt, NClassesOpt, ProcessOpt, SynonymsOpt, VocabOpt
 from cgtools.cli.output import emit_json, emit_table, fmt
 
 
 def theory(
-    depth: Annotated[int, typer.Option("--depth", "-L", min=1, help="Depth L.")],
-    branching: Annotated[int, typer.Option("--branching", "-s", min=2, help="Branching s.")],
-    vocab: Annotated[int, typer.Option("--vocab", "-v", min=1, help="Vocabulary size v.")],
-    synonyms: Annotated[int, typer.Option("--synonyms", "-m", min=1, help="Synonyms m.")],
-    n_classes: Annotated[Optional[int], typer.Option("--n-classes", min=1, help="Root symbols (default v).")] = None,
+    depth: DepthOpt,
+    branching: BranchingOpt,
+    vocab: VocabOpt,
+    synonyms: SynonymsOpt,
+    n_classes: NClassesOpt = None,
     noise_grid: Annotated[Optional[str], typer.Option("--noise-grid", help="Also give the mean-field forward-backward prediction (changed fraction per level) on these noise levels: E, E1,E2,... or START:STOP:COUNT.", metavar="SPEC")] = None,
-    process: Annotated[str, typer.Option("--process", help="Noise process of the mean-field prediction: 'uniform' or 'masked'.")] = "uniform",
+    process: ProcessOpt = "uniform",
     json_out: JsonOpt = False,
 ) -> None:
     """Sizes, sample complexities P_l and correlation magnitudes predicted by the paper.

@@ -131,12 +131,23 @@ class SequencesTable:
         return self.source.display()
 
     def iter_column(self, column: str = TOKENS, batch_size: int = 65536,
-                    length: int | None = None) -> Iterator[np.ndarray]:
-        """Yield int64 arrays [B, k] of a list column; every row must have length k (= `length` if given)."""
+                    length: int | None = None, limit: int | None = None) -> Iterator[np.ndarray]:
+        """Yield int64 arrays [B, k] of a list column; every row must have length k (= `length` if
+        given). `limit`: stop after the first `limit` rows (--limit)."""
         if column not in self.columns:
             raise SchemaError(f"{self.source.display()}: no '{column}' column")
+        left = limit
         for batch in self._file.iter_batches(batch_size=batch_size, columns=[column]):
+            if left is not None:
+                if left <= 0:
+                    return
+                batch = batch.slice(0, left)
+                left -= batch.num_rows
             yield _list_to_matrix(batch.column(0), length, f"{self.source.display()}: column '{column}'")
+
+    def rows(self, limit: int | None = None) -> int:
+        """Rows the command will read: all, or the first `limit`."""
+        return self.num_rows if limit is None else min(limit, self.num_rows)
 
     def read_column(self, column: str = TOKENS, length: int | None = None) -> np.ndarray:
         parts = list(self.iter_column(column, length=length))
