@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
@@ -68,6 +70,7 @@ def train(
 
       torchrun --nproc-per-node 2 -m cgtools train train.parquet --val val.parquet -o run
     """
+    options = dict(locals())  # the flags' values, before anything else is defined here
     import torch
 
     from cgtools.formats.files import open_input
@@ -86,14 +89,37 @@ def train(
     sources = [open_input(data), open_input(val)]
     table, val_table = (SequencesTable(s) for s in sources)
     data_set = training_data(table, val_table, online=online, allow_overlap=allow_overlap)
-    settings = dict(
-        width=width, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, lr_schedule=lr_schedule, decay_start=decay_start, warmup=warmup,
-        ema=ema, lr_scheme=lr_scheme, T=T, schedule=schedule, beta_min=beta_min, beta_max=beta_max, lambda_ce=lambda_ce,
-        time_conditioning=time_conditioning, time_embedding=time_embedding, skip=skip, norm=norm,
-        input_mode=input_mode, online=online or None, eval_every=eval_every, patience=patience,
-        sample_check=sample_check, sample_steps=sample_steps, seed=seed)
+    settings = run_settings(options)
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
     run_training(run, out, train_tokens=data_set.train, val_tokens=data_set.val,
                  grammar=data_set.grammar, provenance=provenance("train", run.train.seed, sources),
                  device=device, resume=resume, force=force)
+
+
+# ---- the flags, shared with `cgtools sweep` ---------------------------------------------------------
+#: Options of `train` that are not run settings; every other option of `train` is one (routed by
+#: its name to the training loop, the process or the architecture by presets.resolve_run).
+COMMAND_OPTIONS = frozenset({"data", "val", "out", "preset", "process", "arch", "device", "threads",
+                             "allow_overlap", "resume", "force"})
+
+
+def setting_names() -> tuple[str, ...]:
+    """The names of train's setting flags, in --help order."""
+    return tuple(n for n in inspect.signature(train).parameters if n not in COMMAND_OPTIONS)
+
+
+def run_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run settings among option values (None = not given; --online off counts as not given)."""
+    settings = {name: options.get(name) for name in setting_names()}
+    if "online" in settings:
+        settings["online"] = settings["online"] or None
+    return settings
+
+
+def train_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """train's parameters (flags with their help and defaults) as keyword-only parameters with
+    evaluated annotations, for another command's signature (`cgtools sweep` takes them all)."""
+    hints = typing.get_type_hints(train, include_extras=True)
+    return [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default,
+                              annotation=hints[p.name])
+            for p in inspect.signature(train).parameters.values() if p.name not in exclude]

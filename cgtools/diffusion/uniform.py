@@ -112,7 +112,7 @@ class UniformDiffusion(CategoricalProcess):
     def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
         """1 - ᾱ_t at t = round(τ·T), float64 [B]."""
         t = torch.round(torch.as_tensor(tau, dtype=torch.float64) * self.T).long()
-        return self.corruption(t.clamp_(0, self.T))
+        return self.corruption(t.clamp(0, self.T))
 
     def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
         """Level `value` for every row: long [B]."""

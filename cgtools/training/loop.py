@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -87,14 +88,37 @@ def log_spaced_steps(total: int, per_decade: int) -> set[int]:
         k += 1
 
 
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser over param_groups `groups` (fused SGD with momentum, or fused Adam)."""
+    # torch picks the per-parameter loop on CPU unless told; the fused kernels update every
+    # tensor in one pass (Adam: 5.9 -> ~1 ms per step at width 256 on this machine).
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def run_meta(run: RunConfig, grammar: Grammar | None, provenance: dict) -> dict:
+    """The metadata every checkpoint of a run carries (configs, grammar, provenance)."""
+    return {"arch": run.arch, "model": json.loads(run.model.to_json()),
+            "process": json.loads(run.process.to_json()), "train": run.train.to_dict(),
+            "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance}
+
+
 class Trainer:
-    """One training run. Build it, then call :meth:`run`."""
+    """One training run. Build it, then call :meth:`run`.
+
+    A caller that makes the optimiser steps itself (cgtools.training.sweep) keeps `step`, the
+    network and the optimiser state current and calls :meth:`after_step` after each step.
+    """
 
     def __init__(self, model: DiffusionModel, cfg: TrainConfig, run_dir: Path, *,
                  train_tokens: np.ndarray | None, val_tokens: np.ndarray, grammar: Grammar | None,
-                 meta: dict, device: str = "cpu", dist: Distributed = Distributed()) -> None:
+                 meta: dict, device: str = "cpu", dist: Distributed = Distributed(),
+                 label: str = "") -> None:
         self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
         self.grammar, self.meta, self.device, self.dist = grammar, meta, device, dist
+        self.label = f"{label}: " if label else ""  # prefix of log lines (sweeps name their runs)
         if cfg.batch_size % dist.world:
             raise ConfigError(f"batch size {cfg.batch_size} does not divide among {dist.world} processes")
         if cfg.online:
@@ -111,14 +135,7 @@ class Trainer:
         self.groups = param_groups(net, cfg.lr, cfg.optimizer, scheme=cfg.lr_scheme)
         for g in self.groups:
             g["base_lr"] = g["lr"]
-        # torch picks the per-parameter loop on CPU unless told; the fused kernels update every
-        # tensor in one pass (Adam: 5.9 -> ~1 ms per step at width 256 on this machine).
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.groups, lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay, fused=True)
-        else:
-            self.optimizer = torch.optim.Adam(self.groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                              fused=True)
+        self.optimizer = make_optimizer(self.groups, cfg)
         self.ddp = None
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -170,7 +187,7 @@ class Trainer:
         self.bad_evals, self.elapsed = m.get("bad_evals", 0), m.get("seconds", 0.0)
         self.window = list(m.get("loss_window", []))
         self.rows = [r for r in read_metrics(self.run_dir / "metrics.parquet") if r["step"] <= self.step]
-        log.info("resumed %s at step %d", self.run_dir, self.step)
+        log.info("%sresumed %s at step %d", self.label, self.run_dir, self.step)
 
     def _save_last(self) -> None:
         if self.dist.main:
@@ -251,9 +268,54 @@ class Trainer:
             row["sample_novel_valid"] = report.novel_valid
         return row
 
+    # ---- after each step -------------------------------------------------------------------------
+    def eval_due(self) -> bool:
+        """Whether the step just made (self.step) is followed by a validation."""
+        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
+
+    def after_step(self, loss: float) -> tuple[dict | None, bool]:
+        """Record the training loss of the step that made self.step, keep its log-spaced checkpoint
+        and, when due, validate (metrics row, best model, last.safetensors).
+
+        Returns (the metrics row or None, whether early stopping ends the run here).
+        """
+        cfg = self.cfg
+        self.window.append(loss)
+        if self.step in self.keep and self.dist.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:08d}.safetensors",
+                            self._weights(), self._meta())
+        if not self.eval_due():
+            return None, False
+        row = {"step": self.step, "examples": self.step * cfg.batch_size,
+               "train_loss": float(np.mean(self.window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
+               "seconds": self.elapsed, **self.evaluate()}
+        self.window = []
+        self.rows.append(row)
+        log.info("%sstep %d  train %.4f  val %.4f  elbo %.3f bits/token%s", self.label, self.step,
+                 row["train_loss"], row["val_loss"], row["val_elbo_bits"],
+                 "" if "sample_accuracy" not in row else
+                 f"  grammatical {row['sample_accuracy'][-1]:.3f}")
+        if self.best_val is None or row["val_loss"] < self.best_val:
+            self.best_val, self.best_step, self.bad_evals = row["val_loss"], self.step, 0
+            if self.dist.main:
+                save_checkpoint(self.run_dir / "model.safetensors", self._weights(), self._meta())
+        else:
+            self.bad_evals += 1
+        if self.dist.main:
+            write_metrics(self.run_dir / "metrics.parquet", self.rows, self.meta.get("provenance", {}))
+        self._save_last()
+        stop = cfg.patience is not None and self.bad_evals >= cfg.patience
+        if stop:
+            log.info("%searly stopping at step %d (best %d)", self.label, self.step, self.best_step)
+        return row, stop
+
     # ---- the run ---------------------------------------------------------------------------------
-    def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train until cfg.steps, early stopping, or `stop_after` steps in this call (tests)."""
+    def run(self, stop_after: int | None = None, interrupt: threading.Event | None = None) -> TrainResult:
+        """Train until cfg.steps, early stopping, or `stop_after` steps in this call (tests).
+
+        interrupt: set by another thread (a sweep's Ctrl-C), it stops the run between two steps as
+        Ctrl-C does (last.safetensors saved, KeyboardInterrupt raised).
+        """
         cfg = self.cfg
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.model.network.train()
@@ -265,36 +327,17 @@ class Trainer:
                 while self.step < cfg.steps:
                     if stop_after is not None and self.step - start_step >= stop_after:
                         break
-                    self.window.append(self._train_step())
+                    if interrupt is not None and interrupt.is_set():
+                        raise KeyboardInterrupt
+                    loss = self._train_step()
                     bar.advance()
                     self.elapsed = time.perf_counter() - t0
-                    if self.step in self.keep and self.dist.main:
-                        save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:08d}.safetensors",
-                                        self._weights(), self._meta())
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        row = {"step": self.step, "examples": self.step * cfg.batch_size,
-                               "train_loss": float(np.mean(self.window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
-                               "seconds": self.elapsed, **self.evaluate()}
-                        self.window = []
-                        self.rows.append(row)
+                    row, stop = self.after_step(loss)
+                    if row is not None:
                         bar.update(loss=row["train_loss"], val=row["val_loss"])
-                        log.info("step %d  train %.4f  val %.4f  elbo %.3f bits/token%s", self.step,
-                                 row["train_loss"], row["val_loss"], row["val_elbo_bits"],
-                                 "" if "sample_accuracy" not in row else
-                                 f"  grammatical {row['sample_accuracy'][-1]:.3f}")
-                        if self.best_val is None or row["val_loss"] < self.best_val:
-                            self.best_val, self.best_step, self.bad_evals = row["val_loss"], self.step, 0
-                            if self.dist.main:
-                                save_checkpoint(self.run_dir / "model.safetensors", self._weights(), self._meta())
-                        else:
-                            self.bad_evals += 1
-                        if self.dist.main:
-                            write_metrics(self.run_dir / "metrics.parquet", self.rows, self.meta.get("provenance", {}))
-                        self._save_last()
-                        if cfg.patience is not None and self.bad_evals >= cfg.patience:
-                            stopped_early = True
-                            log.info("early stopping at step %d (best %d)", self.step, self.best_step)
-                            break
+                    if stop:
+                        stopped_early = True
+                        break
             except KeyboardInterrupt:
                 self._save_last()  # resume from here with --resume
                 raise
@@ -377,9 +420,7 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
         flag = torch.tensor([int(resuming)])
         tdist.broadcast(flag, 0)  # every rank resumes, or none does
         resuming = bool(flag.item())
-    meta = {"arch": run.arch, "model": json.loads(run.model.to_json()),
-            "process": json.loads(run.process.to_json()), "train": cfg.to_dict(),
-            "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance}
+    meta = run_meta(run, grammar, provenance)
     model = build_model(run.arch, run.model, run.process, seed=cfg.seed, device=device, grammar=grammar,
                         meta=meta)
     trainer = Trainer(model, cfg, run_dir, train_tokens=train_tokens, val_tokens=val_tokens,
