@@ -231,3 +231,26 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["cgtools rhm-gen: interrupted"], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_too_large_for_the_machine_is_refused_before_it_starts(trained, tmp_path):
+    """Sentences of 2^20 tokens at width 256: the estimate (about 1 TiB) is refused in one line
+    before any file is written (the run used to die in the allocator with a 59-line traceback)."""
+    from cgtools.models.registry import check_fits
+    from cgtools.models.unet import UNetConfig, training_bytes
+
+    big = UNetConfig(vocab=4, depth=20, branching=2, width=256)
+    assert training_bytes(big, 64) > 2**39
+    with pytest.raises(Exception, match="GiB are available; lower --batch-size or --width"):
+        check_fits("unet", big, 64)
+    check_fits("unet", UNetConfig(vocab=4, depth=2, branching=2, width=16), 8)  # a small run fits
+    res = run("train", trained / "train.parquet", "--val", trained / "val.parquet", "-o", tmp_path / "r",
+              "--width", 200000, "--steps", 1)
+    one_line_error(res, "GiB are available")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_is_one_line(trained, tmp_path):
+    res = run("train", trained / "train.parquet", "--val", trained / "val.parquet", "-o", tmp_path / "r",
+              "--lr", 1e30, "--optimizer", "sgd", *TINY)
+    one_line_error(res, "training diverged at step", "lower --lr")

@@ -288,7 +288,7 @@ def _write_tables(tmp_path):
 
 
 FLAGS = ["--steps", "6", "--batch-size", "8", "--width", "16", "--T", "20", "--eval-every", "3",
-         "--sample-check", "4", "--sample-steps", "3", "--optimizer", "sgd", "--lr", "0.5",
+         "--sample-check", "4", "--sampling-steps", "3", "--optimizer", "sgd", "--lr", "0.5",
          "--lr-schedule", "constant", "--threads", "1"]
 
 

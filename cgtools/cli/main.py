@@ -107,6 +107,7 @@ COMMANDS = (
     ("measure-accuracy", "measure_accuracy", "measure_accuracy"),
     ("theory", "theory", "theory"),
     ("train", "train", "train"),
+    ("sweep", "sweep", "sweep"),
     ("sample", "sample", "sample"),
     ("forward-backward", "forward_backward", "forward_backward"),
     ("correlate", "correlate", "correlate"),

@@ -9,8 +9,10 @@ import typer
 
 OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output file ('-' = stdout).", metavar="FILE")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Random seed (non-negative): every random draw of "
-                                     "the command follows from it.", metavar="SEED")]
+_SEED = typer.Option("--seed", min=0, help="Random seed (non-negative): every random draw of the command "
+                     "follows from it.", metavar="SEED")
+SeedOpt = Annotated[int, _SEED]
+OptionalSeedOpt = Annotated[Optional[int], _SEED]  # default from a preset
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 GrammarOpt = Annotated[
     Optional[Path],

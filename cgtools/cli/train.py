@@ -9,17 +9,18 @@ from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
-from cgtools.cli.options import check_device, ForceOpt
+from cgtools.cli.options import (DeviceOpt, ForceOpt, OptionalSeedOpt, PresetOpt, ProcessOpt, SamplingStepsOpt,
+                                 ScheduleOpt, ThreadsOpt, TOpt, check_device, deprecated, use_threads)
 
 Opt = typer.Option
 
 
 def train(
-    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar, if any, is used for checks, sample checks and --online).")],
+    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar, if any, is used for checks, sample checks and --online).", metavar="DATA", show_default=False)],
     val: Annotated[Path, Opt("--val", help="Validation sequences table (disjoint from DATA).", metavar="FILE")],
-    out: Annotated[Path, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
-    preset: Annotated[str, Opt("--preset", help="Defaults: 'cpu' (fast on CPU), 'paper' (the paper's text) or 'reference-code' (the authors' public code). Explicit flags override.")] = "cpu",
-    process: Annotated[str, Opt("--process", help="Noise process: 'uniform' (D3PM) or 'masked' (MD4).")] = "uniform",
+    out: Annotated[str, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
+    preset: PresetOpt = "cpu",
+    process: ProcessOpt = "uniform",
     arch: Annotated[str, Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net).")] = "unet",
     width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (paper: 8192).")] = None,
     steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [preset cpu: 6000; paper, reference-code: 10000].")] = None,
@@ -33,8 +34,8 @@ def train(
     decay_start: Annotated[Optional[float], Opt("--decay-start", help="Fraction of the run after which the decay starts.")] = None,
     warmup: Annotated[Optional[int], Opt("--warmup", min=0, help="Linear warm-up steps.")] = None,
     ema: Annotated[Optional[float], Opt("--ema", help="Weight-average decay, e.g. 0.999 (0 = off).")] = None,
-    T: Annotated[Optional[int], Opt("--T", min=1, help="Noise levels of the uniform process.")] = None,
-    schedule: Annotated[Optional[str], Opt("--schedule", help="Uniform: linear-beta, linear-alpha, cosine; masked: linear, cosine.")] = None,
+    T: TOpt = None,
+    schedule: ScheduleOpt = None,
     beta_min: Annotated[Optional[float], Opt("--beta-min", help="First β of the linear-beta schedule.")] = None,
     beta_max: Annotated[Optional[float], Opt("--beta-max", help="Last β of the linear-beta schedule.")] = None,
     lambda_ce: Annotated[Optional[float], Opt("--lambda-ce", help="Weight λ of the auxiliary cross-entropy (hybrid loss).")] = None,
@@ -47,15 +48,19 @@ def train(
     eval_every: Annotated[Optional[int], Opt("--eval-every", min=1, help="Steps between validations [default: 500].")] = None,
     patience: Annotated[Optional[int], Opt("--patience", min=1, help="Early stopping: validations without improvement.")] = None,
     sample_check: Annotated[Optional[int], Opt("--sample-check", min=0, help="Samples drawn at each validation to log accuracy and copies [default: 128].")] = None,
-    sample_steps: Annotated[Optional[int], Opt("--sample-steps", min=1, help="Respaced reverse steps for those samples.")] = None,
-    seed: Annotated[Optional[int], Opt("--seed", min=0, help="Seed of the weights, data order and noise.")] = None,
-    device: Annotated[str, Opt("--device", help="'cpu' or 'cuda' (bf16 autocast on CUDA).")] = "cpu",
-    threads: Annotated[Optional[int], Opt("--threads", min=1, help="CPU threads (default: torch's).")] = None,
+    sampling_steps: SamplingStepsOpt = None,
+    sample_steps: Annotated[Optional[int], Opt("--sample-steps", min=1, hidden=True)] = None,
+    seed: OptionalSeedOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     allow_overlap: Annotated[bool, Opt("--allow-overlap", help="Accept validation sentences that also occur in DATA.")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Train a diffusion model on RHM sentences (offline on DATA, or --online).
+
+    The seed (--seed) draws the weights, the data order and the noise; --sampling-steps respaces
+    the reverse process of the sample checks (--sample-check) at each validation.
 
     RUN_DIR receives model.safetensors (best validation loss), last.safetensors (for --resume),
     checkpoints/step_*.safetensors (log-spaced) and metrics.parquet (step, losses, bound in
@@ -84,8 +89,7 @@ def train(
     if arch not in architecture_names():
         raise typer.BadParameter(f"must be one of {', '.join(architecture_names())}", param_hint="--arch")
     check_device(device)
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     sources = [open_input(data), open_input(val)]
     table, val_table = (SequencesTable(s) for s in sources)
     data_set = training_data(table, val_table, online=online, allow_overlap=allow_overlap)
@@ -108,9 +112,17 @@ def setting_names() -> tuple[str, ...]:
     return tuple(n for n in inspect.signature(train).parameters if n not in COMMAND_OPTIONS)
 
 
+#: flags spelled differently from the config field they set (new spelling -> field, old spelling)
+RENAMED = {"sampling_steps": ("sample_steps", "--sample-steps")}
+
+
 def run_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     """The run settings among option values (None = not given; --online off counts as not given)."""
-    settings = {name: options.get(name) for name in setting_names()}
+    settings = {name: options.get(name) for name in setting_names() if name not in RENAMED}
+    for flag, (field, old) in RENAMED.items():
+        new = options.get(flag)
+        settings[field] = new if new is not None else deprecated(old, "--" + flag.replace("_", "-"),
+                                                                 options.get(field))
     if "online" in settings:
         settings["online"] = settings["online"] or None
     return settings

@@ -18,7 +18,7 @@ from torch import nn
 
 from cgtools.diffusion.base import CategoricalProcess, Process
 from cgtools.errors import ConfigError
-from cgtools.models.unet import UNet, UNetConfig, reference_leaf_standardisation
+from cgtools.models.unet import UNet, UNetConfig, reference_leaf_standardisation, training_bytes
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Architecture:
     settings: frozenset[str]
     configure: Callable[[DataSpec, Process, dict[str, Any]], Any]
     build: Callable[[Any, Process, int], nn.Module]
+    #: optional (config, batch) -> bytes a training step needs, to refuse runs that cannot fit
+    memory_bytes: Callable[[Any, int], int] | None = None
 
     def config_from_json(self, obj: Any):
         return self.config_class.from_json(obj)
@@ -112,6 +114,7 @@ UNET = Architecture(
                        | {"leaf_standardisation", "branching"}),
     configure=_unet_configure,
     build=_unet_build,
+    memory_bytes=training_bytes,
 )
 
 #: name -> Architecture. Add a new network with one line here.
@@ -127,3 +130,29 @@ def architecture(name: str) -> Architecture:
 
 def architecture_names() -> tuple[str, ...]:
     return tuple(ARCHITECTURES)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of this machine (Linux /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(arch: str, config, batch: int, device: str = "cpu") -> None:
+    """ConfigError, before anything is trained, when a training step of `batch` sequences cannot
+    fit in this machine's available memory (CPU runs; CUDA memory is the driver's to report)."""
+    entry = architecture(arch)
+    if entry.memory_bytes is None or not str(device).startswith("cpu"):
+        return
+    need, have = entry.memory_bytes(config, batch), available_memory_bytes()
+    if have is not None and need > 0.9 * have:
+        length = getattr(config, "length", "?")
+        raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB ({batch} sequences of {length} "
+                          f"tokens, {arch} width {getattr(config, 'width', '?')}) but {have / 2**30:.1f} GiB "
+                          f"are available; lower --batch-size or --width")

@@ -394,6 +394,15 @@ def flops_per_step(config: UNetConfig, batch: int) -> int:
                for m, k, n, needs_input_grad in _gemms(config, batch))
 
 
+def training_bytes(config: UNetConfig, batch: int) -> int:
+    """A rough estimate of the tensor memory (bytes) one training step needs: float32 weights with
+    their gradient and two Adam moments, and for every GEMM its input, output, activation and
+    gradients kept for the backward pass. Used to refuse runs that cannot fit before they start."""
+    weights = sum(k * n for _, k, n, _ in _gemms(config, 1))
+    activations = sum(m * k + 4 * m * n for m, k, n, _ in _gemms(config, batch))
+    return 4 * (5 * weights + activations)
+
+
 def _gemms(c: UNetConfig, batch: int) -> list[tuple[int, int, int, bool]]:
     """(M, K, N, input needs grad) of every forward GEMM."""
     n, s, L, d = c.width, c.branching, c.depth, c.length

@@ -31,6 +31,7 @@ from cgtools.errors import ConfigError, OutputError
 from cgtools.grammar.rhm import Grammar
 from cgtools.logs import progress
 from cgtools.models.mup import param_groups
+from cgtools.models.registry import check_fits
 from cgtools.seeding import torch_generator
 from cgtools.formats.checkpoint import Checkpoint, save_checkpoint
 from cgtools.formats.files import InputFile
@@ -413,6 +414,7 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
     dist = init_distributed(device)
     if dist.world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
+    check_fits(run.arch, run.model, cfg.batch_size // dist.world, device)  # before any file is written
     resuming = prepare_run_dir(run_dir, resume, force) if dist.main else resume
     if dist.world > 1:
         import torch.distributed as tdist
