@@ -254,3 +254,118 @@ def test_nan_loss_is_one_line(trained, tmp_path):
     res = run("train", trained / "train.parquet", "--val", trained / "val.parquet", "-o", tmp_path / "r",
               "--lr", 1e30, "--optimizer", "sgd", *TINY)
     one_line_error(res, "training diverged at step", "lower --lr")
+
+
+# ---- every file kind, damaged ----------------------------------------------------------------------
+def _damage(blob: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return blob[: len(blob) // 2]
+    if how == "bit-flipped":  # the middle of the file: table data or tensor data
+        b = bytearray(blob)
+        mid = len(b) // 2
+        b[mid:mid + 64] = bytes(255 - x for x in b[mid:mid + 64])
+        return bytes(b)
+    if how == "header":  # the first bytes: Parquet magic or safetensors header
+        return b"\x00" * 16 + blob[16:]
+    raise AssertionError(how)
+
+
+@pytest.fixture(scope="module")
+def every_kind(trained):
+    """One file of every kind cgtools writes, and a command reading it (with its other args)."""
+    root = trained
+    assert run("rhm-gen", "-g", root / "train.parquet", "-n", 4, "--seed", 5, "--grammar-out",
+               root / "grammar.safetensors", "-o", root / "g4.parquet", "--force").exit_code == 0
+    assert run("measure-accuracy", root / "val.parquet", "-o", root / "acc.parquet", "--tag", "P=8",
+               "--force").exit_code == 0
+    return {
+        "sequences": (root / "val.parquet", lambda f: ["measure-accuracy", f]),
+        "grammar": (root / "grammar.safetensors", lambda f: ["sample", "--denoiser", "bp", "--grammar", f, "-n", 2]),
+        "checkpoint": (root / "run" / "model.safetensors", lambda f: ["sample", f, "-n", 2]),
+        "metrics": (root / "run" / "metrics.parquet", lambda f: ["plot", "accuracy-online", f]),
+        "results": (root / "acc.parquet", lambda f: ["sample-complexity", f]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["sequences", "grammar", "checkpoint", "metrics", "results"])
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped", "header"])
+def test_damaged_files_of_every_kind(every_kind, tmp_path, kind, how):
+    """A damaged file is a one-line error naming it; the output is not created. (A flipped byte
+    inside a table's data pages can decode to other values: Parquet's own page checksums are off
+    by default, so then only a checkpoint, whose tensors carry a CRC, is guaranteed to notice.)"""
+    source, command = every_kind[kind]
+    bad = tmp_path / f"bad{source.suffix}"
+    bad.write_bytes(_damage(source.read_bytes(), how))
+    out = tmp_path / ("fig.png" if kind == "metrics" else "out.parquet")
+    res = run(*command(bad), "-o", out)
+    if res.exit_code == 0:  # only possible for a bit flip the format cannot see
+        assert how == "bit-flipped" and kind in ("sequences", "metrics", "results"), res.stderr
+        return
+    one_line_error(res, bad.name)
+    assert not out.exists()
+
+
+def test_wrong_kind_everywhere(every_kind, tmp_path):
+    """Every reader refuses a file of another kind with one line naming it."""
+    files = {k: v[0] for k, v in every_kind.items()}
+    out = tmp_path / "out.parquet"
+    one_line_error(run("sample", files["sequences"], "-n", 2, "-o", out), "not a safetensors checkpoint")
+    one_line_error(run("measure-accuracy", files["checkpoint"]), files["checkpoint"].name)
+    one_line_error(run("sample-complexity", files["sequences"]), files["sequences"].name)
+    one_line_error(run("plot", "accuracy", files["metrics"], "-o", tmp_path / "f.png"), files["metrics"].name)
+    one_line_error(run("rhm-gen", "-g", files["results"], "-n", 2, "-o", out), files["results"].name)
+    assert not out.exists()
+
+
+# ---- kill and interrupt the long commands ----------------------------------------------------------
+def test_sigkill_during_train_then_resume_is_bit_identical(trained, tmp_path):
+    args = ["train", trained / "train.parquet", "--val", trained / "val.parquet", "--width", 32, "--steps", 400,
+            "--eval-every", 25, "--sample-check", 0, "--batch-size", 8, "--threads", 1]
+    assert _cgtools(*args, "-o", tmp_path / "whole").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cgtools", *map(str, args), "-o", str(tmp_path / "cut")],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metrics = tmp_path / "cut" / "metrics.parquet"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(__import__("pyarrow.parquet").parquet.read_table(metrics)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    res = _cgtools(*args, "-o", tmp_path / "cut", "--resume")
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file
+
+    import torch
+
+    a = load_file(tmp_path / "whole" / "last.safetensors")
+    b = load_file(tmp_path / "cut" / "last.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_ctrl_c_during_train_and_sample(trained, tmp_path, command):
+    if command == "train":
+        args = ["train", trained / "train.parquet", "--val", trained / "val.parquet", "--width", 32,
+                "--steps", 100000, "--eval-every", 50, "--sample-check", 0, "--batch-size", 8, "--threads", 1,
+                "-o", tmp_path / "run"]
+        ready = lambda: (tmp_path / "run" / "metrics.parquet").exists()  # noqa: E731
+    else:
+        args = ["sample", trained / "run" / "model.safetensors", "-n", 200000, "--batch-size", 256, "--threads", 1,
+                "-o", tmp_path / "s.parquet"]
+        ready = lambda: True  # noqa: E731
+    proc = subprocess.Popen([sys.executable, "-m", "cgtools", *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ready():
+        time.sleep(0.05)
+    time.sleep(3.0)  # into the work (imports and set-up done)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"cgtools {command}: interrupted", err
+    assert "Traceback" not in err
+    if command == "train":  # the state was saved: --resume continues from it
+        assert (tmp_path / "run" / "last.safetensors").exists()
+    else:
+        assert not (tmp_path / "s.parquet").exists()

@@ -53,7 +53,8 @@ class CgtoolsGroup(TyperGroup):
             else:
                 message = ("out of memory; lower --batch-size (or the model's --width), or use a machine "
                            "with more memory")
-            click.echo(f"cgtools {name}: error: {message}".replace("  ", " "), err=True)
+            message = " ".join(str(message).split())  # one line, whatever a library put in it
+            click.echo(f"cgtools {name}: error: {message}", err=True)
             ctx.exit(1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cgtools.errors import InputError
 from cgtools.formats import metadata
 from cgtools.formats.files import atomic_output
 
@@ -38,4 +39,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     """Rows of an existing metrics table (for resuming); [] when there is none."""
     if not Path(path).exists():
         return []
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: damaged metrics table ({first})") from None

@@ -137,7 +137,7 @@ class SequencesTable:
         if column not in self.columns:
             raise SchemaError(f"{self.source.display()}: no '{column}' column")
         left = limit
-        for batch in self._file.iter_batches(batch_size=batch_size, columns=[column]):
+        for batch in self._batches(batch_size, column):
             if left is not None:
                 if left <= 0:
                     return
@@ -148,6 +148,19 @@ class SequencesTable:
     def rows(self, limit: int | None = None) -> int:
         """Rows the command will read: all, or the first `limit`."""
         return self.num_rows if limit is None else min(limit, self.num_rows)
+
+    def _batches(self, batch_size: int, column: str):
+        """pyarrow's batches; a damaged data page is an InputError naming the file."""
+        it = self._file.iter_batches(batch_size=batch_size, columns=[column])
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{self.source.display()}: damaged table, cannot read its data "
+                                 f"({_first_line(exc)})") from None
+            yield batch
 
     def read_column(self, column: str = TOKENS, length: int | None = None) -> np.ndarray:
         parts = list(self.iter_column(column, length=length))
