@@ -5,7 +5,9 @@ uncached, and masked with the cache (the network is evaluated only on rows that 
 Baselines measured in the same run:
 * the network floor: the same number of forward passes of the same network on the same batch
   size, nothing else (sampler time / floor = the sampler's own overhead);
-* the full uniform sampler (speed-up of each case relative to it).
+* the full uniform sampler (speed-up of each case relative to it);
+* this machine's matmul rate (a square float32 GEMM, same threads): the fraction of it that a
+  reverse step of the U-Net achieves (its forward GEMM FLOPs per step / step time).
 
 The network is the RHM U-Net (cgtools.models.unet, untrained, seed 0) when it imports, else a
 tiny stand-in (--net toy): NFE counts do not depend on training, but the cache's saving does
@@ -108,6 +110,18 @@ def run_case(name, process, net, args, steps, cache):
                 calls=len(den.sizes), floor=best_floor)
 
 
+def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of a float32 [n, n] x [n, n] GEMM on the current threads, best of `repeat`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--net", choices=["unet", "toy"], default=None)
@@ -147,6 +161,16 @@ def main() -> None:
     d = args.branching**args.depth
     print(f"net={args.net} width={args.width} d={d} K={args.vocab} samples={args.num} "
           f"threads={args.threads}")
+    if args.net == "unet":
+        from cgtools.models.unet import flops_forward
+
+        rate = matmul_rate()
+        step_flops = flops_forward(net_u.config, args.num)
+        step = rows[0]["seconds"] / args.T
+        fwd = rows[0]["floor"] / args.T
+        print(f"matmul rate {rate / 1e9:.1f} GFLOP/s; uniform reverse step {step * 1e3:.1f} ms "
+              f"({step_flops / 1e9:.2f} GFLOP): {step_flops / step / rate:.0%} of the matmul rate "
+              f"(bare forward {step_flops / fwd / rate:.0%})")
     print(f"{'case':<34}{'s':>8}{'samples/s':>11}{'NFE/sample':>12}{'vs floor':>10}{'speed-up':>10}")
     for r in rows:
         print(f"{r['name']:<34}{r['seconds']:>8.2f}{r['per_s']:>11.1f}{r['nfe']:>12.1f}"

@@ -383,3 +383,25 @@ def test_standard_parameterisation_fails_coordinate_check():
     slopes = _coord_check("standard", 1.0)
     table = {k: np.round(v, 2) for k, v in slopes.items()}
     assert slopes["logits"].min() > 2 * COORD_SLOPE_TOL, table
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}, {"norm": "layernorm"}, {"skip": "concat"},
+                                {"time_embedding": False}, {"input_mode": "leaf_message"}])
+def test_the_inference_fast_path_computes_the_same_logits(kw):
+    """Under inference with one time for the batch (a sampler step), the time bias and the μP
+    multiplier are folded into each GEMM; the logits equal the explicit training-form forward
+    up to float32 rounding, and differ per row when times differ (no false sharing)."""
+    cfg = UNetConfig(vocab=6, depth=3, branching=2, width=32, **kw)
+    net = UNet(cfg, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (5, 8), generator=gen)
+    t = torch.full((5,), 0.37)
+    keep = torch.full((5,), 0.6) if cfg.input_mode == "leaf_message" else None
+    explicit = net(x, t, keep_prob=keep)  # grad enabled: the explicit form
+    with torch.inference_mode():
+        folded = net(x, t, keep_prob=keep)
+        mixed = net(x, torch.tensor([0.37, 0.9, 0.37, 0.1, 0.37]), keep_prob=keep)
+    torch.testing.assert_close(folded, explicit.detach(), rtol=1e-5, atol=1e-5)
+    if cfg.time_embedding:
+        torch.testing.assert_close(mixed[0], folded[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[1], folded[1], atol=1e-4)

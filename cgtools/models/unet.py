@@ -273,12 +273,20 @@ class UNet(nn.Module):
         if keep_prob is None and self.keep_of_time is not None and c.input_mode == "leaf_message":
             keep_prob = self.keep_of_time(t).to(x_t.device)  # [B]
         h = self._embed(x_t, keep_prob)  # [B, d, n]
-        time_bias = self._time_biases(t, B)  # [B, 2L, n] or None
+        time_bias = self._time_biases(t, B)  # [B or 1, 2L, n] or None
+        # Inference with one time for the whole batch (every sampler step): fold the time bias and
+        # the μP multiplier into the GEMM (its bias and alpha), saving two passes over the
+        # activations per block. Training keeps the explicit form (see _gemm for why).
+        fold = pre is None and not torch.is_grad_enabled() and (time_bias is None or time_bias.shape[0] == 1)
         skips = [h]  # skips[l] = e_l, output of encoder l (e_0 = embedding), [B, d/s^l, n]
         for i, blk in enumerate(self.enc):
             length = h.shape[1] // s
-            a = self._gemm(h.reshape(B * length, s * n), blk, f"enc.{i}.weight")  # [B·len, n]
-            h = self._tail(a.view(B, length, n), blk, time_bias, i, pre, f"enc{i + 1}")
+            if fold:
+                a = self._gemm_folded(h.reshape(B * length, s * n), blk, f"enc.{i}.weight", time_bias, i)
+                h = self._tail(a.view(B, length, n), blk, None, i, None, "")
+            else:
+                a = self._gemm(h.reshape(B * length, s * n), blk, f"enc.{i}.weight")  # [B·len, n]
+                h = self._tail(a.view(B, length, n), blk, time_bias, i, pre, f"enc{i + 1}")
             skips.append(h)
 
         z = skips[L]
@@ -286,9 +294,14 @@ class UNet(nn.Module):
             skip = skips[L - j]  # same resolution as z
             inp = self._join(z, skip, first=j == 0)  # [B, len, c_in]
             length = inp.shape[1]
-            a = self._gemm(inp.reshape(B * length, inp.shape[2]), blk, f"dec.{j}.weight")
+            flat = inp.reshape(B * length, inp.shape[2])
             # [B·len, s·n] -> [B, s·len, n]: the s outputs of one input position are adjacent.
-            z = self._tail(a.view(B, length * s, n), blk, time_bias, L + j, pre, f"dec{j + 1}")
+            if fold:
+                a = self._gemm_folded(flat, blk, f"dec.{j}.weight", time_bias, L + j)
+                z = self._tail(a.view(B, length * s, n), blk, None, L + j, None, "")
+            else:
+                a = self._gemm(flat, blk, f"dec.{j}.weight")
+                z = self._tail(a.view(B, length * s, n), blk, time_bias, L + j, pre, f"dec{j + 1}")
 
         inp = self._join(z, skips[0], first=False)  # [B, d, c_in]
         flat = inp.reshape(B * c.length, inp.shape[2]) * self._infos["readout_weight"].multiplier
@@ -340,12 +353,15 @@ class UNet(nn.Module):
         c = self.config
         t = torch.as_tensor(t, dtype=self.time_weight.dtype, device=self.time_weight.device)
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+        if batch > 1 and bool((t == t[0]).all()):
+            t = t[:1]  # one time for the whole batch (sampling): embed it once, broadcast below
+        rows = t.shape[0]
         half = c.time_dim // 2
         freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / (half - 1))
         arg = TIME_SCALE * t[:, None] * freqs.to(t)[None, :]  # [B, half]
         emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # [B, time_dim]
         mult = self._infos["time_weight"].multiplier
-        return (torch.mm(emb, self.time_weight) * mult).view(batch, 2 * c.depth, c.width)
+        return (torch.mm(emb, self.time_weight) * mult).view(rows, 2 * c.depth, c.width)  # broadcasts over B
 
     def _gemm(self, x: Tensor, blk: _Block, name: str) -> Tensor:
         """(multiplier · x) @ W + bias for one block: [M, K] -> [M, cols]."""
@@ -356,6 +372,19 @@ class UNet(nn.Module):
             return torch.mm(x, blk.weight)
         reps = blk.weight.shape[1] // blk.bias.shape[0]  # decoder: s outputs per input position
         return torch.addmm(blk.bias.repeat(reps) if reps > 1 else blk.bias, x, blk.weight)
+
+    def _gemm_folded(self, x: Tensor, blk: _Block, name: str, time_bias: Tensor | None, index: int) -> Tensor:
+        """The inference form of _gemm + time bias: bias + time bias (one row) + multiplier·(x @ W)
+        in one addmm. [M, K] -> [M, cols]"""
+        reps = blk.weight.shape[1] // self.config.width  # decoder: s outputs per input position
+        bias = blk.bias
+        if time_bias is not None:
+            tb = time_bias[0, index]  # [n]
+            bias = tb if bias is None else bias + tb
+        mult = self._infos[name].multiplier
+        if bias is None:
+            return torch.mm(x, blk.weight).mul_(mult)
+        return torch.addmm(bias.repeat(reps) if reps > 1 else bias, x, blk.weight, alpha=mult)
 
     def _tail(self, a: Tensor, blk: _Block, time_bias: Tensor | None, index: int,
               pre: dict[str, Tensor] | None, name: str) -> Tensor:
