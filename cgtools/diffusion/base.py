@@ -240,7 +240,13 @@ def logits_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 def network_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      process: Process) -> Denoiser:
     """The usual denoiser of a trained network: log_softmax(network(x_t, process.network_time(t)))."""
-    return logits_denoiser(lambda x_t, t: network(x_t, process.network_time(t)))
+    return logits_denoiser(lambda x_t, t: network(x_t, shared_time(process.network_time(t))))
+
+
+def shared_time(tau: torch.Tensor) -> torch.Tensor:
+    """τ [B] -> τ[:1] when every row has the same time (each sampler step): a network given one
+    time embeds it once for the whole batch (the U-Net folds it into its GEMMs)."""
+    return tau[:1] if tau.numel() > 1 and bool((tau == tau[0]).all()) else tau
 
 
 def uniforms(shape: Sequence[int], generator: torch.Generator,

@@ -183,7 +183,7 @@ class _Block(nn.Module):
 class UNet(nn.Module):
     """The RHM U-Net. ``UNet(config, seed)`` is reproducible: same config and seed, same weights.
 
-    forward(x_t [B, d] long, t [B] float in [0, 1], keep_prob [B] | None) -> logits [B, d, K]
+    forward(x_t [B, d] long, t [B] or [1] (one time for the batch) float in [0, 1], keep_prob [B] | None) -> logits [B, d, K]
     (float32). See the module docstring for the layout and the time convention.
     """
 
@@ -352,9 +352,10 @@ class UNet(nn.Module):
             raise ValueError("this U-Net is time-conditioned: forward needs t")
         c = self.config
         t = torch.as_tensor(t, dtype=self.time_weight.dtype, device=self.time_weight.device)
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        if batch > 1 and bool((t == t[0]).all()):
-            t = t[:1]  # one time for the whole batch (sampling): embed it once, broadcast below
+        # One time for the whole batch (a sampler step passes a scalar): embed it once and let it
+        # broadcast below. No test of the values here: under vmap (cgtools sweep) that is
+        # data-dependent control flow.
+        t = t.reshape(1) if t.numel() == 1 else t.reshape(batch)
         rows = t.shape[0]
         half = c.time_dim // 2
         freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / (half - 1))
