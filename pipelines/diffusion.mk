@@ -66,7 +66,11 @@ PERTURBED := $(foreach l,$(shell seq 1 $(L)),$(OUT)/data/perturbed_l$(l).parquet
 GRAMMAR_TEXT := L = $(L), s = $(S), v = $(V), m = $(M); width $(WIDTH), $(STEPS) steps; mean of $(words $(SEEDS)) seeds
 
 .PHONY: all all-figures tiny clean runs
-.SECONDARY:
+# Kept files made by pattern rules only (not redone when missing while what they feed is current);
+# the tables are named targets, so a lost table is rebuilt with what depends on it.
+SAMPLES := $(foreach n,$(NAMES),$(OUT)/samples/$(n).parquet)
+TRAIN := $(foreach n,$(NAMES),$(OUT)/data/train_$(n).parquet)
+.SECONDARY: $(SAMPLES) $(TRAIN) $(PERTURBED)
 .DELETE_ON_ERROR:
 
 runs: $(MODELS)
