@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test test-slow bench lock clean-venv
+.PHONY: demo tour test test-slow bench lock clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The small main experiment (pipelines/diffusion.mk: three P, train, sample, accuracy, correlations,
+# figures and a summary in demo-out/); `make tour` walks through every command on the same grammar.
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(SHELL) pipelines/demo.sh demo-out
+	$(MAKE) -C pipelines/fig1a demo OUT=$(CURDIR)/demo-out
+
+tour: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(SHELL) pipelines/demo.sh demo-out/tour
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

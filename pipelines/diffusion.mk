@@ -65,7 +65,7 @@ SENS := $(foreach n,$(NAMES),$(OUT)/tables/sens_$(n).parquet)
 PERTURBED := $(foreach l,$(shell seq 1 $(L)),$(OUT)/data/perturbed_l$(l).parquet)
 GRAMMAR_TEXT := L = $(L), s = $(S), v = $(V), m = $(M); width $(WIDTH), $(STEPS) steps; mean of $(words $(SEEDS)) seeds
 
-.PHONY: all all-figures tiny clean runs
+.PHONY: all all-figures tiny clean runs demo demo-results
 # Kept files made by pattern rules only (not redone when missing while what they feed is current);
 # the tables are named targets, so a lost table is rebuilt with what depends on it.
 SAMPLES := $(foreach n,$(NAMES),$(OUT)/samples/$(n).parquet)
@@ -149,6 +149,19 @@ TINY_VARS ?= PS="32 128" SEEDS=0 STEPS=40 ONLINE_STEPS=40 ONLINE_EVAL=20 WIDTH=1
   NSAMPLES=64 NPERTURB=32 SAMPLE_CHECK=32 SWEEP_FLAGS="--T 20"
 tiny:
 	$(MAKE) --no-print-directory all OUT=$(TINY_OUT) $(TINY_VARS)
+
+# `make demo` (the README's first command): the small main experiment, one seed at three P below,
+# near and above P_3 = 171: training (one sweep), samples, accuracy per level, correlations, the
+# figures and the summary, in about ten minutes on 2 cores; into OUT when given, else demo-out.
+DEMO_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),demo-out)
+DEMO_VARS ?= PS="32 128 512" SEEDS=0 STEPS=4000 MAX_STACK=2
+demo-results: $(OUT)/theory.txt $(OUT)/fig1a.png $(OUT)/fig1c.png $(OUT)/summary.txt
+	@echo; cat $(OUT)/theory.txt; echo; cat $(OUT)/summary.txt
+	@echo "results in $(OUT): fig1a.png (accuracy per level vs P), fig1c.png (correlations vs distance), summary.txt, tables/, runs/"
+$(OUT)/theory.txt: | $(OUT)/data
+	$(CGTOOLS) theory $(G) > $@.tmp && mv $@.tmp $@
+demo:
+	$(MAKE) --no-print-directory demo-results OUT=$(DEMO_OUT) $(DEMO_VARS)
 
 clean:
 	rm -rf $(OUT)
