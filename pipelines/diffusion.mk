@@ -63,7 +63,7 @@ ACC := $(foreach n,$(NAMES),$(OUT)/tables/acc_$(n).parquet)
 CORR := $(foreach n,$(NAMES),$(OUT)/tables/corr_$(n).parquet)
 SENS := $(foreach n,$(NAMES),$(OUT)/tables/sens_$(n).parquet)
 PERTURBED := $(foreach l,$(shell seq 1 $(L)),$(OUT)/data/perturbed_l$(l).parquet)
-GRAMMAR_TEXT := L = $(L), s = $(S), v = $(V), m = $(M); width $(WIDTH), $(STEPS) steps; mean of $(words $(SEEDS)) seeds
+GRAMMAR_TEXT := L=$(L) s=$(S) v=$(V) m=$(M), width $(WIDTH), $(STEPS) steps, $(words $(SEEDS)) seed(s)
 
 .PHONY: all all-figures tiny clean runs demo demo-results
 # Kept files made by pattern rules only (not redone when missing while what they feed is current);
@@ -125,17 +125,17 @@ $(OUT)/online/model.safetensors: $(OUT)/data/val.parquet
 
 # The figures.
 $(OUT)/fig1a.png: $(ACC)
-	$(CGTOOLS) plot accuracy $^ -o $@ --force --title "Fig. 1a: accuracy per level vs P ($(GRAMMAR_TEXT))"
+	$(CGTOOLS) plot accuracy $^ -o $@ --force --title "Fig. 1a: $(GRAMMAR_TEXT)"
 
 $(OUT)/fig1b.png: $(OUT)/online/model.safetensors
 	$(CGTOOLS) plot accuracy-online $(OUT)/online/metrics.parquet -o $@ --force \
-	  --title "Fig. 1b: accuracy per level vs examples seen, online ($(GRAMMAR_TEXT))"
+	  --title "Fig. 1b, online: L=$(L) s=$(S) v=$(V) m=$(M), width $(WIDTH), $(ONLINE_STEPS) steps"
 
 $(OUT)/fig1c.png: $(CORR) $(OUT)/tables/corr_exact.parquet
-	$(CGTOOLS) plot correlation $^ -o $@ --force --title "Fig. 1c: correlations of the samples vs distance ($(GRAMMAR_TEXT))"
+	$(CGTOOLS) plot correlation $^ -o $@ --force --title "Fig. 1c: samples of each P ($(GRAMMAR_TEXT))"
 
 $(OUT)/fig6.png: $(SENS) $(ACC)
-	$(CGTOOLS) plot sensitivity $^ -o $@ --force --title "Fig. 6: sensitivity to synonym exchange per block vs P ($(GRAMMAR_TEXT))"
+	$(CGTOOLS) plot sensitivity $^ -o $@ --force --title "Fig. 6: sensitivity to synonym exchange ($(GRAMMAR_TEXT))"
 
 $(OUT)/summary.txt: $(ACC) $(COMMON)diffusion.py
 	$(PYTHON) $(COMMON)diffusion.py summary $(ACC) $(G) -o $@ --json $(OUT)/summary.json

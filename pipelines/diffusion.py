@@ -71,7 +71,9 @@ def text(s: dict) -> str:
     head = "".join(f"{'A_' + str(l):>15}" for l in range(1, L + 1))
     lines.append(f"{'P':>6}{'seeds':>6}{head}{'copies':>9}{'novel':>8}")
     for r in s["rows"]:
-        cells = "".join(f"{r[f'A{l}']:>9.3f} ±{r[f'A{l}_se']:.3f}" for l in range(1, L + 1))
+        # ± the standard error over seeds (none with one seed)
+        cells = "".join(f"{r[f'A{l}']:>9.3f} ±{r[f'A{l}_se']:.3f}" if r["seeds"] > 1 else f"{r[f'A{l}']:>15.3f}"
+                        for l in range(1, L + 1))
         lines.append(f"{r['P']:>6}{r['seeds']:>6}{cells}{r.get('memorized', float('nan')):>9.3f}"
                      f"{r.get('novel_valid', float('nan')):>8.3f}")
     lines += ["", f"P_l* (A_l first crosses {s['threshold']:g}, log-interpolated) vs the theory "

@@ -94,6 +94,8 @@ def log_axis(ax: Axes, axis: str, values: Iterable[float]) -> bool:
     values = [v for v in values if v is not None]
     if values and min(values) > 0:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        if len(set(values)) <= 8 and max(values) / min(values) < 100:
+            plain_log_ticks(ax, axis, values)  # a few values: ticks at them ('32', '128', '512')
         return True
     return False
 
