@@ -219,9 +219,16 @@ def test_sigkill_of_a_writer_leaves_the_original_and_the_next_write_sweeps_its_t
     assert sweep_stale_temporaries(out) == [] and mine.exists()
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. A shell starts background jobs (CI
+    under nohup, `make test &`) with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt: the interrupt tests would wait for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cgtools", "rhm-gen", "-L", "10", "-s", "2", "-v", "16", "-m", "4",
-                             "-n", "3000000", "-o", str(tmp_path / "x.parquet")], env=ENV,
+                             "-n", "3000000", "-o", str(tmp_path / "x.parquet")], env=ENV, preexec_fn=_sigint_default,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.iterdir()):
@@ -354,7 +361,7 @@ def test_ctrl_c_during_train_and_sample(trained, tmp_path, command):
         args = ["sample", trained / "run" / "model.safetensors", "-n", 200000, "--batch-size", 256, "--threads", 1,
                 "-o", tmp_path / "s.parquet"]
         ready = lambda: True  # noqa: E731
-    proc = subprocess.Popen([sys.executable, "-m", "cgtools", *map(str, args)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "cgtools", *map(str, args)], env=ENV, preexec_fn=_sigint_default,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ready():
