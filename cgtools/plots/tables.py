@@ -33,7 +33,11 @@ def read_metrics_tables(paths: Sequence[str | os.PathLike]) -> list[Results]:
     for p in paths:
         source = open_input(p)
         try:
-            table = pq.read_table(pa.BufferReader(source.data) if source.data is not None else source.name)
+            if source.data is not None:
+                table = pq.read_table(pa.BufferReader(source.data))
+            else:  # one open file: a path may be opened twice and straddle a live run's atomic rewrite
+                with open(source.name, "rb") as f:
+                    table = pq.read_table(f)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{source.display()}: not a readable Parquet file ({exc})") from None
         meta = metadata.decode((table.schema.metadata or {}).get(metadata.METADATA_KEY.encode()),
