@@ -281,12 +281,8 @@ class UNet(nn.Module):
         skips = [h]  # skips[l] = e_l, output of encoder l (e_0 = embedding), [B, d/s^l, n]
         for i, blk in enumerate(self.enc):
             length = h.shape[1] // s
-            if fold:
-                a = self._gemm_folded(h.reshape(B * length, s * n), blk, f"enc.{i}.weight", time_bias, i)
-                h = self._tail(a.view(B, length, n), blk, None, i, None, "")
-            else:
-                a = self._gemm(h.reshape(B * length, s * n), blk, f"enc.{i}.weight")  # [B·len, n]
-                h = self._tail(a.view(B, length, n), blk, time_bias, i, pre, f"enc{i + 1}")
+            h = self._layer(h.reshape(B * length, s * n), (B, length, n), blk, f"enc.{i}.weight",
+                            time_bias, i, pre, f"enc{i + 1}", fold)
             skips.append(h)
 
         z = skips[L]
@@ -294,14 +290,9 @@ class UNet(nn.Module):
             skip = skips[L - j]  # same resolution as z
             inp = self._join(z, skip, first=j == 0)  # [B, len, c_in]
             length = inp.shape[1]
-            flat = inp.reshape(B * length, inp.shape[2])
             # [B·len, s·n] -> [B, s·len, n]: the s outputs of one input position are adjacent.
-            if fold:
-                a = self._gemm_folded(flat, blk, f"dec.{j}.weight", time_bias, L + j)
-                z = self._tail(a.view(B, length * s, n), blk, None, L + j, None, "")
-            else:
-                a = self._gemm(flat, blk, f"dec.{j}.weight")
-                z = self._tail(a.view(B, length * s, n), blk, time_bias, L + j, pre, f"dec{j + 1}")
+            z = self._layer(inp.reshape(B * length, inp.shape[2]), (B, length * s, n), blk, f"dec.{j}.weight",
+                            time_bias, L + j, pre, f"dec{j + 1}", fold)
 
         inp = self._join(z, skips[0], first=False)  # [B, d, c_in]
         flat = inp.reshape(B * c.length, inp.shape[2]) * self._infos["readout_weight"].multiplier
@@ -373,6 +364,14 @@ class UNet(nn.Module):
             return torch.mm(x, blk.weight)
         reps = blk.weight.shape[1] // blk.bias.shape[0]  # decoder: s outputs per input position
         return torch.addmm(blk.bias.repeat(reps) if reps > 1 else blk.bias, x, blk.weight)
+
+    def _layer(self, x: Tensor, shape: tuple[int, int, int], blk: _Block, name: str, time_bias: Tensor | None,
+               index: int, pre: dict[str, Tensor] | None, tag: str, fold: bool) -> Tensor:
+        """One block: GEMM, time bias, [LayerNorm], GeLU. x [M, K] -> `shape` [B, len, n]. With `fold`
+        (inference, one time for the batch) the time bias and μP multiplier ride in the GEMM."""
+        if fold:
+            return self._tail(self._gemm_folded(x, blk, name, time_bias, index).view(shape), blk, None, index, None, "")
+        return self._tail(self._gemm(x, blk, name).view(shape), blk, time_bias, index, pre, tag)
 
     def _gemm_folded(self, x: Tensor, blk: _Block, name: str, time_bias: Tensor | None, index: int) -> Tensor:
         """The inference form of _gemm + time bias: bias + time bias (one row) + multiplier·(x @ W)
