@@ -116,8 +116,8 @@ $(OUT)/$(FIG)_pstar_level1.png: $(OUT)/pstar_level1.parquet
 	$(CGTOOLS) plot sample-complexity $^ -o $@ --force \
 	  --title "$(FIG_NAME): P* of level 1 (ARI = $(THRESHOLD)) vs m ($(GRAMMAR_TEXT))"
 
-$(OUT)/summary.json: $(PSTAR) $(HELPER)
-	$(PYTHON) $(HELPER) summary $(PSTAR) --figure $(FIG) --threshold $(THRESHOLD) --seeds $(SEEDS) \
+$(OUT)/summary.json: $(PSTAR) $(DIFFUSION) $(HELPER)
+	$(PYTHON) $(HELPER) summary $(PSTAR) $(DIFFUSION) --figure $(FIG) --threshold $(THRESHOLD) --seeds $(SEEDS) \
 	  --json $@.tmp --text $(OUT)/summary.txt && mv $@.tmp $@
 
 # The whole chain in seconds: tiny grammars, two P values, one seed, into OUT when given on the

@@ -66,14 +66,18 @@ def summary(args: argparse.Namespace) -> int:
     from cgtools.formats.files import open_input
     from cgtools.formats.results import read_results
 
-    settings = ("context", "oracle", "method")
+    settings = ("source", "context", "oracle", "method")
     fits, table = [], []
     grammar = None
     for path in args.pstar:
         res = read_results(open_input(path), kind="sample-complexity")
-        grammar = grammar or res.meta.get("grammar")
+        # the P* of trained diffusion models (A_L crossings) beside the clustering's (ARI)
+        source = "diffusion" if res.meta.get("source_kind") == "accuracy" else "cluster"
+        if source == "cluster":
+            grammar = grammar or res.meta.get("grammar")
+        rows = [{"source": source, **r} for r in res.rows()]
         seen = set()
-        for r in sorted(res.rows(), key=lambda r: tuple(str(r.get(k)) for k in settings) + (r["m"],)):
+        for r in sorted(rows, key=lambda r: tuple(str(r.get(k)) for k in settings) + (r["m"],)):
             series = {k: r[k] for k in settings if k in r}
             ratio = (r["p_star"] / r["theory_p_star"]
                      if r.get("p_star") is not None and r.get("theory_p_star") else None)
@@ -85,7 +89,7 @@ def summary(args: argparse.Namespace) -> int:
             if key in seen:
                 continue
             seen.add(key)
-            members = [x for x in res.rows() if all(x.get(k) == v for k, v in series.items())
+            members = [x for x in rows if all(x.get(k) == v for k, v in series.items())
                        and x["level"] == r["level"]]
             exponent, err, theory_exp = r.get("exponent"), r.get("exponent_err"), r.get("theory_exponent")
             fit = {"level": r["level"], **series, "m": sorted(x["m"] for x in members if x["p_star"] is not None),
@@ -102,10 +106,10 @@ def summary(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
     shown = [k for k in settings if any(k in f for f in fits)]  # the settings that name a series
-    head = " ".join(f"{k:>7}" for k in shown)
-    cells = lambda r: " ".join(f"{str(r.get(k, '-')):>7}" for k in shown)
-    lines = [f"{args.figure}: clustering sample complexity P* (first ARI crossing of {args.threshold:g}, "
-             f"seeds averaged), fit log P* = a + b log m"]
+    head = " ".join(f"{k:>9}" for k in shown)
+    cells = lambda r: " ".join(f"{str(r.get(k, '-')):>9}" for k in shown)
+    lines = [f"{args.figure}: sample complexity P* (clustering: first ARI crossing of {args.threshold:g}; "
+             f"diffusion: first crossing of A_L = 1/2; seeds averaged), fit log P* = a + b log m"]
     if grammar:
         lines.append(f"grammar: L = {grammar['depth']}, s = {grammar['branching']}, v = {grammar['vocab']}, "
                      f"n_classes = {grammar['n_classes']}; m = {out['synonyms']}; seeds = {args.seeds}")

@@ -39,6 +39,11 @@ STEPS ?= 6000
 WIDTH ?= 256
 PRESET ?= cpu
 EVAL_EVERY ?= 500
+# Early stopping as in the paper (App. C): the model kept is the one of the lowest validation loss;
+# validations also at 4 log-spaced steps per decade before EVAL_EVERY (1, 2, 3, 6, ..., 316), since
+# at small P the validation loss bottoms out within the first few hundred steps (P = 32 at batch
+# 64: 2 epochs per step), and a model kept at step 500 has memorised its training set.
+EARLY_EVALS ?= 4
 NSAMPLES ?= 512
 NPERTURB ?= 256
 # Two stacks (one per core) of at most MAX_STACK runs each.
@@ -95,7 +100,7 @@ $(OUT)/runs.csv: $(foreach n,$(NAMES),$(OUT)/data/train_$(n).parquet)
 
 $(OUT)/runs.done: $(OUT)/runs.csv
 	$(CGTOOLS) sweep $< --resume --preset $(PRESET) --width $(WIDTH) --steps $(STEPS) \
-	  --eval-every $(EVAL_EVERY) --sample-check 0 --max-stack $(MAX_STACK) --jobs $(JOBS) $(SWEEP_FLAGS)
+	  --eval-every $(EVAL_EVERY) --early-evals $(EARLY_EVALS) --sample-check 0 --max-stack $(MAX_STACK) --jobs $(JOBS) $(SWEEP_FLAGS)
 	touch $@
 $(MODELS): $(OUT)/runs.done
 

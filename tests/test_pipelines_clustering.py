@@ -180,3 +180,37 @@ def test_reruns_skip_finished_targets_and_resume(outputs):
     commands = [line for line in plan.splitlines() if "cgtools" in line]
     assert len(commands) == 1 and "plot sample-complexity" in commands[0]
     assert str(outputs / "diffusion_pstar.parquet") in plan
+
+
+def test_fig2_diffusion_chain_trains_samples_and_fits_over_m(tmp_path):
+    """`make tiny-diffusion`: one diffusion.mk sweep per m (rhm-gen, sweep, sample, measure-accuracy),
+    one sample-complexity table over all m from the accuracy tables, drawn and summarised with the
+    clustering; a rerun redoes nothing."""
+    out = tmp_path / "fig2"
+    proc = make("fig2", out, "tiny-diffusion")
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    for m in (2, 3):
+        for size in (16, 48):
+            acc = out / "diffusion" / f"m{m}" / "tables" / f"acc_P{size}_s0.parquet"
+            meta = meta_of(acc)
+            assert meta["kind"] == "accuracy" and meta["tags"]["P"] == size and meta["tags"]["m"] == m
+            assert meta["grammar"]["synonyms"] == m and meta["grammar"]["depth"] == 2
+            rows = pq.read_table(acc).to_pylist()
+            assert [r["level"] for r in rows] == [1, 2] and all(0 <= r["accuracy"] <= 1 for r in rows)
+            run = out / "diffusion" / f"m{m}" / "runs" / f"P{size}_s0"
+            steps = [r["step"] for r in pq.read_table(run / "metrics.parquet").to_pylist()]
+            assert steps == [1, 2, 3, 6, 10, 18, 20, 40]  # --early-evals 4 before --eval-every 20
+    pstar = out / "diffusion_pstar.parquet"
+    meta = meta_of(pstar)
+    assert meta["kind"] == "sample-complexity" and meta["source_kind"] == "accuracy" and meta["by"] == ["m", "L"]
+    rows = pq.read_table(pstar).to_pylist()
+    assert sorted(r["m"] for r in rows) == [2, 3] and {r["level"] for r in rows} == {2}
+    assert all(r["n_points"] == 2 and r["theory_exponent"] == 3 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    sources = {f.get("source") for f in summary["fits"]}
+    assert sources == {"cluster", "diffusion"}
+    assert len([r for r in summary["p_star"] if r["source"] == "diffusion"]) == 2
+    assert_real_png(out / "fig2_pstar.png")
+    stdout, stderr = make("fig2", out, "-n", "tiny-diffusion").communicate(timeout=300)
+    assert "cgtools" not in stdout, stdout

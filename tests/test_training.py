@@ -95,6 +95,21 @@ def test_early_stopping_keeps_the_best_model(tmp_path, monkeypatch):
     assert meta["step"] == 8 and meta["best_val_loss"] == 1.0
 
 
+def test_early_evals_validate_at_log_spaced_steps_and_keep_an_early_best(tmp_path, monkeypatch):
+    # --early-evals 4 with --eval-every 100: validations at 1, 2, 3, 6, 10, 18, 32, 56 (10^(k/4)
+    # rounded) and then every 100; the best model is the one of the lowest validation loss.
+    g = draw_grammar(2, 2, 4, 2, seed=0)
+    tr, va = _data(g, 12, 4)
+    model, proc, cfg = _configs(g, steps=200, eval_every=100, early_evals=4)
+    losses = iter([5.0, 4.0, 3.0, 2.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(losses), "val_elbo_bits": 0.0})
+    result = train(RunConfig("unet", model, proc, cfg), tmp_path, train_tokens=tr, val_tokens=va, grammar=g, provenance={})
+    assert [r["step"] for r in result.metrics] == [1, 2, 3, 6, 10, 18, 32, 56, 100, 200]
+    assert result.best_step == 10
+    meta = json.loads(_header(tmp_path / "model.safetensors")["__metadata__"]["cgtools"])
+    assert meta["step"] == 10 and meta["best_val_loss"] == 0.5
+
+
 def _header(path):
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

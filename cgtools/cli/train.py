@@ -46,6 +46,7 @@ def train(
     input_mode: Annotated[Optional[str], Opt("--input-mode", help="'onehot' or 'leaf_message' (standardised BP leaf message).")] = None,
     online: Annotated[bool, Opt("--online", help="Fresh sentences from DATA's grammar every step (never one of --val).")] = False,
     eval_every: Annotated[Optional[int], Opt("--eval-every", min=1, help="Steps between validations [default: 500].")] = None,
+    early_evals: Annotated[Optional[int], Opt("--early-evals", min=0, help="Also validate at this many log-spaced steps per decade before the first --eval-every (keeps the best model of a small training set memorised early) [default: 0].")] = None,
     patience: Annotated[Optional[int], Opt("--patience", min=1, help="Early stopping: validations without improvement.")] = None,
     sample_check: Annotated[Optional[int], Opt("--sample-check", min=0, help="Samples drawn at each validation to log accuracy and copies [default: 128].")] = None,
     sampling_steps: SamplingStepsOpt = None,

@@ -26,7 +26,10 @@ class TrainConfig:
     parameter). lr_schedule/decay_start: constant, or a decay to 0 that starts at fraction
     `decay_start` of the run. warmup: linear warm-up steps. ema: weight-average decay (0 = off;
     the average is what is evaluated and saved as the model). eval_every: steps between
-    validations. patience: stop after this many validations without a new best validation loss
+    validations. early_evals: also validate at this many log-spaced steps per decade below
+    eval_every (0 = off), so that the best-validation model of a run whose validation loss bottoms
+    out early (a small training set memorised within the first eval_every steps) is kept.
+    patience: stop after this many validations without a new best validation loss
     (None = never). val_repeats: noise draws per validation sentence. sample_check: samples drawn
     at each validation to measure accuracy and copies (0 = off). checkpoints_per_decade: density
     of the log-spaced checkpoints.
@@ -44,6 +47,7 @@ class TrainConfig:
     warmup: int = 0
     ema: float = 0.0
     eval_every: int = 500
+    early_evals: int = 0
     patience: int | None = None
     val_repeats: int = 8
     sample_check: int = 128
@@ -71,8 +75,8 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
-        if self.sample_check < 0 or self.warmup < 0 or self.seed < 0:
-            raise ConfigError("sample-check, warmup and seed must be >= 0")
+        if self.sample_check < 0 or self.warmup < 0 or self.seed < 0 or self.early_evals < 0:
+            raise ConfigError("sample-check, warmup, early-evals and seed must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

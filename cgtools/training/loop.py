@@ -89,6 +89,13 @@ def log_spaced_steps(total: int, per_decade: int) -> set[int]:
         k += 1
 
 
+def early_eval_steps(eval_every: int, per_decade: int) -> set[int]:
+    """The log-spaced validation steps below the first regular one (--early-evals; empty when 0)."""
+    if per_decade == 0:
+        return set()
+    return {s for s in log_spaced_steps(eval_every, per_decade) if s < eval_every}
+
+
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimiser over param_groups `groups` (fused SGD with momentum, or fused Adam)."""
     # torch picks the per-parameter loop on CPU unless told; the fused kernels update every
@@ -149,6 +156,7 @@ class Trainer:
         self.bad_evals = 0
         self.rows: list[dict] = []
         self.keep = log_spaced_steps(cfg.steps, cfg.checkpoints_per_decade)
+        self.early = early_eval_steps(cfg.eval_every, cfg.early_evals)
         self.elapsed = 0.0
         self.window: list[float] = []  # training losses since the last validation
 
@@ -272,7 +280,7 @@ class Trainer:
     # ---- after each step -------------------------------------------------------------------------
     def eval_due(self) -> bool:
         """Whether the step just made (self.step) is followed by a validation."""
-        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
+        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps or self.step in self.early
 
     def after_step(self, loss: float) -> tuple[dict | None, bool]:
         """Record the training loss of the step that made self.step, keep its log-spaced checkpoint
@@ -439,7 +447,7 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
 
 def _trajectory(train: dict) -> dict:
     """The training settings that change what the weights become (resume must keep them)."""
-    free = {"patience", "eval_every", "sample_check", "sample_steps", "checkpoints_per_decade",
+    free = {"patience", "eval_every", "early_evals", "sample_check", "sample_steps", "checkpoints_per_decade",
             "val_repeats"}
     if train.get("lr_schedule", "constant") == "constant":
         free.add("steps")
