@@ -44,6 +44,10 @@ EVAL_EVERY ?= 500
 # at small P the validation loss bottoms out within the first few hundred steps (P = 32 at batch
 # 64: 2 epochs per step), and a model kept at step 500 has memorised its training set.
 EARLY_EVALS ?= 4
+# P* = the last upward crossing of A_L = 1/2 (cgtools sample-complexity --crossing): a model that
+# memorised a small training set samples copies, which are grammatical, and can lift A_L above 1/2
+# at the smallest P; the last crossing is the onset of generalisation that the paper's P* means.
+CROSSING ?= last
 NSAMPLES ?= 512
 NPERTURB ?= 256
 # Two stacks (one per core) of at most MAX_STACK runs each.
@@ -122,7 +126,7 @@ $(OUT)/tables/sens_%.parquet: $(OUT)/runs/%/model.safetensors $(PERTURBED) | $(O
 	  --tag P=$(call P_of,$*) --tag seed=$(call S_of,$*) $(TAGS)
 
 $(OUT)/tables/pstar.parquet: $(ACC)
-	$(CGTOOLS) sample-complexity $^ --by m,L -o $@ --force
+	$(CGTOOLS) sample-complexity $^ --by m,L --crossing $(CROSSING) -o $@ --force
 
 $(OUT)/online/model.safetensors: $(OUT)/data/val.parquet
 	$(CGTOOLS) train $< --online --val $< -o $(OUT)/online --resume --preset $(PRESET) --width $(WIDTH) \
@@ -143,7 +147,7 @@ $(OUT)/fig6.png: $(SENS) $(ACC)
 	$(CGTOOLS) plot sensitivity $^ -o $@ --force --title "Fig. 6: sensitivity to synonym exchange ($(GRAMMAR_TEXT))"
 
 $(OUT)/summary.txt: $(ACC) $(COMMON)diffusion.py
-	$(PYTHON) $(COMMON)diffusion.py summary $(ACC) $(G) -o $@ --json $(OUT)/summary.json
+	$(PYTHON) $(COMMON)diffusion.py summary $(ACC) $(G) --crossing $(CROSSING) -o $@ --json $(OUT)/summary.json
 
 all-figures: $(OUT)/fig1a.png $(OUT)/fig1b.png $(OUT)/fig1c.png $(OUT)/fig6.png $(OUT)/summary.txt
 

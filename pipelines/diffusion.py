@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 
-def summarise(paths: list[str], depth: int, branching: int, vocab: int, synonyms: int, threshold: float) -> dict:
+def summarise(paths: list[str], depth: int, branching: int, vocab: int, synonyms: int, threshold: float,
+              which: str = "first") -> dict:
     from cgtools.analysis.sample_complexity import crossing
     from cgtools.analysis.theory import theory
     from cgtools.formats.files import open_input
@@ -52,7 +53,8 @@ def summarise(paths: list[str], depth: int, branching: int, vocab: int, synonyms
     th = theory(depth, branching, vocab, synonyms)
     p_star = []
     for l in levels:
-        value, status = crossing(np.array(sizes, float), np.array([r[f"A{l}"] for r in rows]), threshold)
+        value, status = crossing(np.array(sizes, float), np.array([r[f"A{l}"] for r in rows]), threshold,
+                                 which)
         p_star.append({"level": l, "measured": value, "status": status,
                        "theory": th["sample_complexity"][l - 1]})
     # staging: no level above the one below it beyond two standard errors, and a visible gap
@@ -60,7 +62,7 @@ def summarise(paths: list[str], depth: int, branching: int, vocab: int, synonyms
                   for r in rows for l in levels[:-1])
     gap = max((r["A1"] - r[f"A{depth}"] for r in rows), default=0.0)
     return {"grammar": {"L": depth, "s": branching, "v": vocab, "m": synonyms, "language": th["n_sentences"]},
-            "threshold": threshold, "rows": rows, "p_star": p_star, "staged": ordered,
+            "threshold": threshold, "crossing": which, "rows": rows, "p_star": p_star, "staged": ordered,
             "largest_gap_A1_minus_AL": gap, "all_levels_at_largest_P": min(rows[-1][f"A{l}"] for l in levels)}
 
 
@@ -76,7 +78,7 @@ def text(s: dict) -> str:
                         for l in range(1, L + 1))
         lines.append(f"{r['P']:>6}{r['seeds']:>6}{cells}{r.get('memorized', float('nan')):>9.3f}"
                      f"{r.get('novel_valid', float('nan')):>8.3f}")
-    lines += ["", f"P_l* (A_l first crosses {s['threshold']:g}, log-interpolated) vs the theory "
+    lines += ["", f"P_l* (A_l {s['crossing']} crosses {s['threshold']:g} upwards, log-interpolated) vs the theory "
                   f"P_l = v m^(l+1) / (1 - m/v^(s-1)):"]
     for p in s["p_star"]:
         measured = f"{p['measured']:.0f}" if p["measured"] is not None else p["status"]
@@ -98,11 +100,13 @@ def main() -> int:
     p.add_argument("-v", type=int, required=True)
     p.add_argument("-m", type=int, required=True)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--crossing", choices=("first", "last"), default="first",
+                   help="P_l*: the first upward crossing, or the last (skips a memorisation bump at small P)")
     p.add_argument("--pstar", help="the sample-complexity table (not read; a make prerequisite)")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--json")
     args = parser.parse_args()
-    s = summarise(args.acc, args.L, args.s, args.v, args.m, args.threshold)
+    s = summarise(args.acc, args.L, args.s, args.v, args.m, args.threshold, args.crossing)
     for path, body in ((args.out, text(s)), (args.json, json.dumps(s, indent=2) + "\n")):
         if path:
             tmp = Path(f"{path}.tmp")

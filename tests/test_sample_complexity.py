@@ -67,8 +67,27 @@ def test_crossing_is_linear_in_log_p():
     assert crossing(size, value, 0.1) == (None, "above")
     assert crossing(size, value, 1.1) == (None, "below")
     assert crossing(size, 1 - value, 0.6) == (None, "no-crossing")
-    # the first upward crossing wins
-    assert crossing(size, np.array([0.0, 0.6, 0.4, 0.9]), 0.5)[0] == pytest.approx(10 ** (1 + 5 / 6))
+    # the first upward crossing wins; with which="last", the one after which the curve stays up
+    bumpy = np.array([0.0, 0.6, 0.4, 0.9])
+    assert crossing(size, bumpy, 0.5)[0] == pytest.approx(10 ** (1 + 5 / 6))
+    assert crossing(size, bumpy, 0.5, "last")[0] == pytest.approx(10 ** (3 + 1 / 5))
+    assert crossing(size, value, 0.5, "last") == crossing(size, value, 0.5)  # one crossing: the same
+
+
+def test_last_crossing_skips_a_memorisation_bump(tmp_path):
+    # A_L high just above the smallest P (copies of a memorised training set), then the real rise
+    # through 1/2 at P = 731: "first" finds the bump's crossing, "last" the rise, through the CLI too
+    bump = lambda p, s: 0.1 if p == SIZES[0] else (0.8 if p < 25 else sigmoid(p, 731.0))  # noqa: E731
+    tables = accuracy_tables(bump)
+    first = run_estimate(tables, tmp_path).groups[0]
+    last = run_estimate(tables, tmp_path, which="last").groups[0]
+    assert first.p_star < 25 and last.p_star == pytest.approx(731.0, rel=0.02)
+    paths, _ = as_results(tables, tmp_path, prefix="cli")
+    res = runner.invoke(app, ["sample-complexity", *map(str, paths), "--crossing", "last", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["groups"][0]["p_star"] == pytest.approx(last.p_star)
+    res = runner.invoke(app, ["sample-complexity", *map(str, paths), "--crossing", "middle"])
+    assert res.exit_code == 2 and "first, last" in res.output
 
 
 def test_sigmoid_crossing_recovered(tmp_path):

@@ -10,7 +10,7 @@ are replicates.
 
 Per group, at every P: the mean of the replicates and its standard error (std / sqrt(k), ddof 1;
 a P measured once contributes no spread). P* is the first upward crossing of the threshold by the
-mean curve, interpolated linearly in log P between the two bracketing points (the paper's
+mean curve (or, `which="last"`, the last one: the curve stays above after it), interpolated linearly in log P between the two bracketing points (the paper's
 P* = where A_L surpasses A* = 1/2). Its interval [p_star_lo, p_star_hi] is where the mean + SE
 and mean - SE curves cross (null on a side where that curve does not cross inside the measured
 range; both null when no P has two replicates). A curve that never crosses gives p_star = null
@@ -55,16 +55,25 @@ CLUSTER_BY = ("context", "method", "oracle", "weighted", "node", "position")  # 
 UNCERTAINTY = "crossings of the mean +/- standard error (over seeds) curves"
 
 
-def crossing(size: np.ndarray, value: np.ndarray, threshold: float) -> tuple[float | None, str]:
-    """First upward crossing of `threshold` by value(size), linear in log size.
+CROSSINGS = ("first", "last")
 
-    size: [n] increasing, > 0; value: [n]. Returns (P*, "crossed") or (None, status) with
-    status "above" (every value >= threshold), "below" (every value < threshold) or "no-crossing".
+
+def crossing(size: np.ndarray, value: np.ndarray, threshold: float,
+             which: str = "first") -> tuple[float | None, str]:
+    """The first (or last) upward crossing of `threshold` by value(size), linear in log size.
+
+    size: [n] increasing, > 0; value: [n]. "last" is the crossing after which the curve stays
+    above the threshold: the onset of generalisation when a memorised small training set (whose
+    copies are grammatical) lifts the curve above the threshold at the smallest P. Returns
+    (P*, "crossed") or (None, status) with status "above" (every value >= threshold), "below"
+    (every value < threshold) or "no-crossing".
     """
+    if which not in CROSSINGS:
+        raise ConfigError(f"crossing must be one of {', '.join(CROSSINGS)}, got {which!r}")
     above = value >= threshold
     up = np.flatnonzero(~above[:-1] & above[1:])
     if up.size:
-        i = int(up[0])
+        i = int(up[0] if which == "first" else up[-1])
         frac = (threshold - value[i]) / (value[i + 1] - value[i])
         log_p = math.log(size[i]) + frac * (math.log(size[i + 1]) - math.log(size[i]))
         return float(math.exp(log_p)), "crossed"
@@ -193,10 +202,11 @@ def _unique(rows: list[dict], name: str) -> Any:
 
 
 def estimate(sweep: Sweep, threshold: float = 0.5, level: int | None = None,
-             by: Sequence[str] | None = None) -> SampleComplexity:
+             by: Sequence[str] | None = None, which: str = "first") -> SampleComplexity:
     """P* per group of `sweep` and the power-law fits in m (see the module docstring).
 
-    level: the `level` rows to use (default: the largest level of each group).
+    level: the `level` rows to use (default: the largest level of each group). which: "first"
+    or "last" upward crossing (`crossing`); the interval uses the same one.
     """
     if not math.isfinite(threshold):
         raise ConfigError(f"--threshold must be finite, got {threshold}")
@@ -228,7 +238,7 @@ def estimate(sweep: Sweep, threshold: float = 0.5, level: int | None = None,
     for key in sorted(grouped, key=lambda k: tuple(_sort_key(v) for v in k)):
         group = _estimate_group(dict(zip(by, key)), grouped[key], quantity, threshold, level,
                                 [t for t in sweep.tags if t not in by and t not in (SIZE_TAG, SEED_TAG)],
-                                THEORY_LEVEL_SHIFT[sweep.kind])
+                                THEORY_LEVEL_SHIFT[sweep.kind], which)
         if group is not None:
             groups.append(group)
     if not groups:
@@ -240,7 +250,8 @@ def estimate(sweep: Sweep, threshold: float = 0.5, level: int | None = None,
 
 
 def _estimate_group(key: dict, rows: list[dict], quantity: str, threshold: float,
-                    level: int | None, other_tags: list[str], shift: int) -> GroupEstimate | None:
+                    level: int | None, other_tags: list[str], shift: int,
+                    which: str = "first") -> GroupEstimate | None:
     label = ", ".join(f"{k}={v}" for k, v in key.items()) or "all rows"
     for tag in other_tags:  # a varying tag outside `by` mixes runs that may not be replicates
         values = {r.get(tag) for r in rows}
@@ -265,14 +276,14 @@ def _estimate_group(key: dict, rows: list[dict], quantity: str, threshold: float
     se = np.array([v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else 0.0 for v in values])
     seeds = np.array([v.size for v in values])
     g = GroupEstimate(key, use, size, mean, se, seeds)
-    g.p_star, g.status = crossing(size, mean, threshold)
+    g.p_star, g.status = crossing(size, mean, threshold, which)
     if g.status == "crossed":
         if (seeds > 1).any():
-            lo, _ = crossing(size, mean + se, threshold)
-            hi, _ = crossing(size, mean - se, threshold)
+            lo, _ = crossing(size, mean + se, threshold, which)
+            hi, _ = crossing(size, mean - se, threshold, which)
             g.p_star_lo = min(lo, g.p_star) if lo is not None else None
             g.p_star_hi = max(hi, g.p_star) if hi is not None else None
-        if mean[0] >= threshold:
+        if mean[0] >= threshold and which == "first":
             log.warning("%s: the curve starts above %g at P = %g, dips and crosses again at "
                         "P* = %.4g (memorisation at small P?)", label, threshold, size[0], g.p_star)
     elif g.status == "above":

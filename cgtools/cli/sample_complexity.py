@@ -14,6 +14,7 @@ def sample_complexity(
     results: Annotated[List[str], typer.Argument(help="'accuracy' or 'cluster' results tables of a sweep, each tagged with P (and m, L, seed...).", metavar="RESULTS...")],
     threshold: Annotated[float, typer.Option("--threshold", help="P* is where the curve first rises through this value (the paper: A_L = 1/2).")] = 0.5,
     level: Annotated[Optional[str], typer.Option("--level", "-l", help="Level l whose accuracy (or ARI) is used [default: the last level of each group].", metavar="L")] = None,
+    crossing: Annotated[str, typer.Option("--crossing", help="'first' upward crossing of the threshold (the paper's P*) or 'last' (after which the curve stays above: skips a bump at small P from a memorised training set).", metavar="first|last")] = "first",
     by: Annotated[Optional[str], typer.Option("--by", help="Comma-separated tags that define a group (one P* each) [default: m,L when present; cluster tables also their settings context, method, oracle, weighted, node, position when they vary].", metavar="TAG,...")] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write a 'sample-complexity' results table, one row per group ('-' = stdout).", metavar="TABLE")] = None,
@@ -23,7 +24,7 @@ def sample_complexity(
 
     Reads the tables of a sweep over P (`measure-accuracy -o` or `cluster -o`, each run tagged
     with --tag P=<size>, and m, L, seed...). Runs with the same tags and P (several seeds) are
-    averaged; P* is the first upward crossing of the mean curve, interpolated linearly in log P
+    averaged; P* is the first (--crossing last: the last) upward crossing of the mean curve, interpolated linearly in log P
     between the two bracketing points, with the interval [p_star_lo, p_star_hi] where the
     mean +/- standard error curves cross. A curve that never crosses gives P* = null, a warning
     and the one-sided bracket (status 'above': P* <= smallest P; 'below': P* > largest P).
@@ -39,7 +40,7 @@ def sample_complexity(
 
       cgtools sample-complexity sweep/cluster_*.parquet --level 2 --by m,L,context -o pstar.parquet
     """
-    from cgtools.analysis.sample_complexity import SAMPLE_COMPLEXITY_KIND, QUANTITY, estimate
+    from cgtools.analysis.sample_complexity import CROSSINGS, SAMPLE_COMPLEXITY_KIND, QUANTITY, estimate
     from cgtools.analysis.sweep import sweep_table
     from cgtools.formats.files import check_output, open_input
     from cgtools.formats.metadata import provenance
@@ -47,17 +48,20 @@ def sample_complexity(
 
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")
+    if crossing not in CROSSINGS:
+        raise typer.BadParameter(f"must be one of {', '.join(CROSSINGS)}", param_hint="--crossing")
     by_tags = None if by is None else [t.strip() for t in by.split(",") if t.strip()]
     if out is not None:
         check_output(out, force)
     sources = [open_input(path) for path in results]
     tables = [read_results(source, kind=tuple(QUANTITY)) for source in sources]
-    result = estimate(sweep_table(tables), threshold=threshold, level=_one_level(level), by=by_tags)
+    result = estimate(sweep_table(tables), threshold=threshold, level=_one_level(level), by=by_tags,
+                      which=crossing)
     if out is not None:
         table = results_table(result.columns(), kind=SAMPLE_COMPLEXITY_KIND,
                               provenance=provenance("sample-complexity", None, sources),
                               source_kind=tables[0].kind, quantity=result.quantity,
-                              threshold=threshold, by=result.by, fit=[f.to_json() for f in result.fits])
+                              threshold=threshold, crossing=crossing, by=result.by, fit=[f.to_json() for f in result.fits])
         write_results(table, out, force)
     if json_out:
         emit_json(result.to_json())
