@@ -44,6 +44,8 @@ EVAL_EVERY ?= 500
 # at small P the validation loss bottoms out within the first few hundred steps (P = 32 at batch
 # 64: 2 epochs per step), and a model kept at step 500 has memorised its training set.
 EARLY_EVALS ?= 4
+# and training stops after PATIENCE validations without a new best (empty: train all STEPS).
+PATIENCE ?= 4
 # P* = the last upward crossing of A_L = 1/2 (cgtools sample-complexity --crossing): a model that
 # memorised a small training set samples copies, which are grammatical, and can lift A_L above 1/2
 # at the smallest P; the last crossing is the onset of generalisation that the paper's P* means.
@@ -104,7 +106,7 @@ $(OUT)/runs.csv: $(foreach n,$(NAMES),$(OUT)/data/train_$(n).parquet)
 
 $(OUT)/runs.done: $(OUT)/runs.csv
 	$(CGTOOLS) sweep $< --resume --preset $(PRESET) --width $(WIDTH) --steps $(STEPS) \
-	  --eval-every $(EVAL_EVERY) --early-evals $(EARLY_EVALS) --sample-check 0 --max-stack $(MAX_STACK) --jobs $(JOBS) $(SWEEP_FLAGS)
+	  --eval-every $(EVAL_EVERY) --early-evals $(EARLY_EVALS) $(if $(PATIENCE),--patience $(PATIENCE)) --sample-check 0 --max-stack $(MAX_STACK) --jobs $(JOBS) $(SWEEP_FLAGS)
 	touch $@
 $(MODELS): $(OUT)/runs.done
 

@@ -14,7 +14,7 @@ def sample_complexity(
     results: Annotated[List[str], typer.Argument(help="'accuracy' or 'cluster' results tables of a sweep, each tagged with P (and m, L, seed...).", metavar="RESULTS...")],
     threshold: Annotated[float, typer.Option("--threshold", help="P* is where the curve first rises through this value (the paper: A_L = 1/2).")] = 0.5,
     level: Annotated[Optional[str], typer.Option("--level", "-l", help="Level l whose accuracy (or ARI) is used [default: the last level of each group].", metavar="L")] = None,
-    crossing: Annotated[str, typer.Option("--crossing", help="'first' upward crossing of the threshold (the paper's P*) or 'last' (after which the curve stays above: skips a bump at small P from a memorised training set).", metavar="first|last")] = "first",
+    crossing: Annotated[str, typer.Option("--crossing", help="'first' upward crossing of the threshold (the paper's P*) or 'last' (after which the curve stays above: skips a bump at small P from a memorised training set).", metavar="WHICH")] = "first",
     by: Annotated[Optional[str], typer.Option("--by", help="Comma-separated tags that define a group (one P* each) [default: m,L when present; cluster tables also their settings context, method, oracle, weighted, node, position when they vary].", metavar="TAG,...")] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write a 'sample-complexity' results table, one row per group ('-' = stdout).", metavar="TABLE")] = None,
