@@ -100,7 +100,7 @@ def test_presets_are_the_one_place_for_defaults_and_settings_are_routed_by_name(
     assert process_config("cpu", "uniform", {"T": None}) == UniformConfig(T=100, schedule="linear-alpha",
                                                                          lambda_ce=0.01)
     with pytest.raises(ConfigError, match="unknown architecture"):
-        resolve_run("cpu", process="uniform", arch="transformer", data=RHM, settings={})
+        resolve_run("cpu", process="uniform", arch="perceiver", data=RHM, settings={})
 
 
 # ---- a new architecture is one module plus one registry line ------------------------------------

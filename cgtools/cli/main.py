@@ -112,10 +112,13 @@ COMMANDS = (
     ("sample", "sample", "sample"),
     ("forward-backward", "forward_backward", "forward_backward"),
     ("correlate", "correlate", "correlate"),
+    ("perplexity", "perplexity", "perplexity"),
     ("cluster", "cluster", "cluster"),
     ("sensitivity", "sensitivity", "sensitivity"),
     ("sample-complexity", "sample_complexity", "sample_complexity"),
     ("plot", "plot", "plot"),
+    ("tokenize", "tokenize", "tokenize"),
+    ("detokenize", "detokenize", "detokenize"),
 )
 
 

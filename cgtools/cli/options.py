@@ -38,7 +38,8 @@ ProcessOpt = Annotated[
                  "(tokens masked, MD4).", metavar="PROCESS"),
 ]
 PresetOpt = Annotated[str, typer.Option("--preset", help="Defaults (cgtools.training.presets): 'cpu' (fast on CPU), "
-                                        "'paper' (the paper's text) or 'reference-code' (the authors' public code); "
+                                        "'paper' (the paper's text), 'reference-code' (the authors' public code) or 'text' (MD4-style "
+                                        "masked diffusion with the transformer, for tokenised text); "
                                         "explicit flags override them.", metavar="NAME")]
 TOpt = Annotated[Optional[int], typer.Option("--T", min=1, help="Noise levels of the uniform process (masked: steps "
                                              "of a discrete-time bound) [default: the preset's].", metavar="T")]

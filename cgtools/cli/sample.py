@@ -25,6 +25,7 @@ def sample(
     batch_size: Annotated[int, Opt("--batch-size", min=1, help="Sequences per batch.")] = 512,
     final: Annotated[Optional[str], Opt("--final", help="Last step: 'argmax' (uniform default) or 'sample' (masked default).")] = None,
     cache: Annotated[Optional[bool], Opt("--cache/--no-cache", help="Masked: skip the network for rows that did not change (exact without time input; default on then).")] = None,
+    top_p: Annotated[float, Opt("--top-p", max=1.0, help="Masked: draw each unmasked token from the smallest set of most probable symbols of mass P (nucleus sampling; 1 = off).", metavar="P")] = 1.0,
     denoiser: DenoiserOpt = None,
     bp_output: Annotated[str, Opt("--bp-output", help="BP x0 prediction: 'cavity' (loss-optimal) or 'marginal' (double counts a token's own evidence).")] = "cavity",
     grammar: GrammarOpt = None,
@@ -45,7 +46,8 @@ def sample(
     grammar (--grammar, or the checkpoint's), with the checkpoint's noise process or, without one,
     --process, --T and --schedule over the --preset's defaults.
 
-    The output carries the checkpoint's grammar, so `measure-accuracy` needs nothing else. With
+    The output carries the checkpoint's grammar, so `measure-accuracy` needs nothing else, and
+    for text the training table's "tokenizer" and "vocab", so `detokenize` can decode it. With
     --from DATA --noise E every sentence of DATA is corrupted to level E and denoised (a
     forward-backward with the model).
 
@@ -56,16 +58,21 @@ def sample(
       cgtools sample --denoiser bp --grammar train.parquet -n 1000 | cgtools measure-accuracy -
 
       cgtools sample run/model.safetensors --from val.parquet --noise 0.5 -o fb.parquet
+
+      cgtools sample text_run/model.safetensors -n 8 --top-p 0.98 -o samples.parquet
     """
     from cgtools.formats.files import check_output, open_input
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
     from cgtools.grammar.source import check_same_grammar, resolve_grammar
     from cgtools.training.generate import SampleConfig, exact_model, generate, write_samples
-    from cgtools.training.presets import process_config
+    from cgtools.training.presets import preset_choice, process_config
+    from cgtools.training.source import carried_meta
     from cgtools.training.trained import load_model
 
     noise = single_noise(noise)
+    if not top_p > 0:
+        raise typer.BadParameter(f"must lie in (0, 1], got {top_p}", param_hint="--top-p")
     if (from_data is None) == (num is None):
         raise typer.BadParameter("give either -n/--num or --from DATA", param_hint="--num")
     if from_data is not None and noise is None:
@@ -99,7 +106,7 @@ def sample(
         if model is not None:
             proc_cfg = model.process.config
         else:
-            proc_cfg = process_config(preset, process or "uniform", {"T": T, "schedule": schedule})
+            proc_cfg = process_config(preset, preset_choice(preset, "process", process), {"T": T, "schedule": schedule})
         model = exact_model(g, proc_cfg, kind=bp_output, device=device)
     tokens = None
     if from_data is not None:
@@ -111,8 +118,11 @@ def sample(
                                               "give --grammar FILE to denoise it anyway")
         tokens = from_table.read_column(length=model.length)
     cfg = SampleConfig(num=num or 0, seed=seed, steps=steps, batch_size=batch_size, final_step=final,
-                       cache=cache, noise=noise)
-    result = generate(model, cfg, from_tokens=tokens, device=device)
+                       cache=cache, noise=noise, top_p=top_p)
+    stats: dict = {}
+    result = generate(model, cfg, from_tokens=tokens, device=device, stats=stats)
     extra = {"sampler": {"denoiser": denoiser if denoiser == "model" else f"bp-{bp_output}",
-                         "steps": steps, "noise": noise, "process": model.process.describe()}}
-    write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources), **extra)
+                         "steps": steps, "noise": noise, "top_p": top_p, "process": model.process.describe(),
+                         **stats}}
+    write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources),
+                  carried=carried_meta(getattr(model, "meta", {})), **extra)

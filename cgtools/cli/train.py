@@ -20,9 +20,12 @@ def train(
     val: Annotated[Path, Opt("--val", help="Validation sequences table (disjoint from DATA).", metavar="FILE")],
     out: Annotated[str, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
     preset: PresetOpt = "cpu",
-    process: ProcessOpt = "uniform",
-    arch: Annotated[str, Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net).")] = "unet",
-    width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (paper: 8192).")] = None,
+    process: ProcessOpt = None,
+    arch: Annotated[Optional[str], Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net) or 'transformer' (bidirectional, MD4-style, for text) [default: the preset's; unet].")] = None,
+    width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (unet; paper: 8192) or model width d_model (transformer).")] = None,
+    layers: Annotated[Optional[int], Opt("--layers", min=1, help="Transformer blocks [preset text: 4].")] = None,
+    heads: Annotated[Optional[int], Opt("--heads", min=1, help="Transformer attention heads (width/heads must be even) [preset text: 4].")] = None,
+    mlp: Annotated[Optional[str], Opt("--mlp", help="Transformer MLP: 'swiglu' (default) or 'gelu'.")] = None,
     steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [preset cpu: 6000; paper, reference-code: 10000].")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
     optimizer: Annotated[Optional[str], Opt("--optimizer", help="'sgd' (momentum) or 'adam' [preset cpu: adam; paper: sgd].")] = None,
@@ -34,13 +37,14 @@ def train(
     decay_start: Annotated[Optional[float], Opt("--decay-start", help="Fraction of the run after which the decay starts.")] = None,
     warmup: Annotated[Optional[int], Opt("--warmup", min=0, help="Linear warm-up steps.")] = None,
     ema: Annotated[Optional[float], Opt("--ema", help="Weight-average decay, e.g. 0.999 (0 = off).")] = None,
+    grad_clip: Annotated[Optional[float], Opt("--grad-clip", help="Clip the global gradient norm to NORM before each step [preset text: 1; default: off].", metavar="NORM")] = None,
     T: TOpt = None,
     schedule: ScheduleOpt = None,
     beta_min: Annotated[Optional[float], Opt("--beta-min", help="First β of the linear-beta schedule.")] = None,
     beta_max: Annotated[Optional[float], Opt("--beta-max", help="Last β of the linear-beta schedule.")] = None,
     lambda_ce: Annotated[Optional[float], Opt("--lambda-ce", help="Weight λ of the auxiliary cross-entropy (hybrid loss).")] = None,
     time_conditioning: Annotated[Optional[bool], Opt("--time-conditioning/--no-time-conditioning", help="Masked: let the network see t.")] = None,
-    time_embedding: Annotated[Optional[bool], Opt("--time-embedding/--no-time-embedding", help="Sinusoidal time embedding as per-block biases.")] = None,
+    time_embedding: Annotated[Optional[bool], Opt("--time-embedding/--no-time-embedding", help="Sinusoidal time embedding (unet: per-block biases; transformer: adaLN) [default: masked --time-conditioning, uniform on].")] = None,
     skip: Annotated[Optional[str], Opt("--skip", help="Skip connections: 'add' or 'concat'.")] = None,
     norm: Annotated[Optional[str], Opt("--norm", help="'none' or 'layernorm' in every block.")] = None,
     input_mode: Annotated[Optional[str], Opt("--input-mode", help="'onehot' or 'leaf_message' (standardised BP leaf message).")] = None,
@@ -58,7 +62,7 @@ def train(
     resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Train a diffusion model on RHM sentences (offline on DATA, or --online).
+    """Train a diffusion model on RHM sentences (offline on DATA, or --online) or on tokenised text.
 
     The seed (--seed) draws the weights, the data order and the noise; --sampling-steps respaces
     the reverse process of the sample checks (--sample-check) at each validation.
@@ -74,6 +78,8 @@ def train(
 
       cgtools train train.parquet --val val.parquet -o run --preset paper --width 256
 
+      cgtools train text_train.parquet --val text_val.parquet -o run --preset text --layers 4
+
       torchrun --nproc-per-node 2 -m cgtools train train.parquet --val val.parquet -o run
     """
     options = dict(locals())  # the flags' values, before anything else is defined here
@@ -87,7 +93,7 @@ def train(
     from cgtools.training.presets import resolve_run
     from cgtools.training.source import training_data
 
-    if arch not in architecture_names():
+    if arch is not None and arch not in architecture_names():
         raise typer.BadParameter(f"must be one of {', '.join(architecture_names())}", param_hint="--arch")
     check_device(device)
     use_threads(threads)
@@ -98,7 +104,7 @@ def train(
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
     run_training(run, out, train_tokens=data_set.train, val_tokens=data_set.val,
                  grammar=data_set.grammar, provenance=provenance("train", run.train.seed, sources),
-                 device=device, resume=resume, force=force)
+                 device=device, resume=resume, force=force, data_meta=data_set.meta)
 
 
 # ---- the flags, shared with `cgtools sweep` ---------------------------------------------------------

@@ -9,6 +9,9 @@ Entry points (shapes: N samples of length d):
 * :func:`denoise` — one batch from x_t at a given start time down to x_0 (what both use); the
   steps themselves are the process's :meth:`~cgtools.diffusion.base.Process.reverse`.
 * :func:`draw_categorical` — float64 inverse-CDF draws from log-probabilities.
+* :func:`top_p_denoiser` — the denoiser restricted to its nucleus (top-p sampling, MD4 `topp`).
+* :class:`CountingDenoiser` — counts the network evaluations a sampler makes (what the masked
+  process's cache saves).
 
 Every random number comes from the explicit `generator`; results depend on (generator state,
 batch_size).
@@ -34,6 +37,47 @@ def draw_categorical(log_probs: torch.Tensor, generator: torch.Generator) -> tor
     """One float64 categorical draw per row of log_probs [..., K] -> long [...]."""
     u = uniforms(log_probs.shape[:-1], generator, log_probs.device)
     return inverse_cdf(log_probs, u)
+
+
+def nucleus(log_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """log_probs [..., K] with every symbol outside the nucleus set to -inf.
+
+    The nucleus of a row is the smallest set of most probable symbols whose probability reaches
+    p (the top symbol always belongs to it); p >= 1 keeps every symbol. The masked sampler's
+    inverse-CDF draw renormalises, and never draws a zero-weight (-inf) symbol.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"top-p must lie in (0, 1], got {p}")
+    if p >= 1.0:
+        return log_probs
+    probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep a symbol while the mass before it is below p: the smallest prefix reaching p
+    keep_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return log_probs.masked_fill(~keep, float("-inf"))
+
+
+def top_p_denoiser(denoiser: Denoiser, p: float) -> Denoiser:
+    """`denoiser` with its categorical over x0 cut to the nucleus of mass p (the denoiser itself
+    when p = 1, so top-p 1 is the plain sampler draw for draw)."""
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"top-p must lie in (0, 1], got {p}")
+    if p >= 1.0:
+        return denoiser
+    return lambda x_t, t: nucleus(denoiser(x_t, t), p)
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls and the rows [B] it was evaluated on."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser, self.calls, self.rows = denoiser, 0, 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += int(x_t.shape[0])
+        return self.denoiser(x_t, t)
 
 
 def start_grid(process: Process, start, steps: int | None) -> list:
@@ -123,4 +167,5 @@ def forward_backward(process: Process, denoiser: Denoiser, x0: torch.Tensor, noi
     return out
 
 
-__all__ = ["denoise", "draw_categorical", "forward_backward", "sample", "start_grid"]
+__all__ = ["CountingDenoiser", "denoise", "draw_categorical", "forward_backward", "nucleus", "sample",
+           "start_grid", "top_p_denoiser"]

@@ -1,6 +1,8 @@
-"""Neural networks: the paper's RHM U-Net and its μP parameterisation (docs/unet.md)."""
+"""Neural networks: the paper's RHM U-Net and its μP parameterisation (docs/unet.md), and the
+MD4-style text transformer (docs/text.md)."""
 
 from cgtools.models.mup import ParamInfo, param_groups, raw_learning_rates
+from cgtools.models.transformer import TransformerConfig, TransformerDenoiser
 from cgtools.models.unet import (
     PAPER_WIDTH,
     UNet,
@@ -10,5 +12,5 @@ from cgtools.models.unet import (
     reference_leaf_standardisation,
 )
 
-__all__ = ["PAPER_WIDTH", "ParamInfo", "UNet", "UNetConfig", "flops_forward", "flops_per_step",
-           "param_groups", "raw_learning_rates", "reference_leaf_standardisation"]
+__all__ = ["PAPER_WIDTH", "ParamInfo", "TransformerConfig", "TransformerDenoiser", "UNet", "UNetConfig",
+           "flops_forward", "flops_per_step", "param_groups", "raw_learning_rates", "reference_leaf_standardisation"]

@@ -18,6 +18,8 @@ from torch import nn
 
 from cgtools.diffusion.base import CategoricalProcess, Process
 from cgtools.errors import ConfigError
+from cgtools.models.transformer import TransformerConfig, TransformerDenoiser
+from cgtools.models.transformer import training_bytes as transformer_training_bytes
 from cgtools.models.unet import UNet, UNetConfig, reference_leaf_standardisation, training_bytes
 
 
@@ -51,6 +53,9 @@ class Architecture:
     build: Callable[[Any, Process, int], nn.Module]
     #: optional (config, batch) -> bytes a training step needs, to refuse runs that cannot fit
     memory_bytes: Callable[[Any, int], int] | None = None
+    #: whether the network has μP parameter classes (param_info); if not, it trains with
+    #: --lr-scheme global only (presets.resolve_run refuses the others before anything runs)
+    mup: bool = True
 
     def config_from_json(self, obj: Any):
         return self.config_class.from_json(obj)
@@ -117,8 +122,36 @@ UNET = Architecture(
     memory_bytes=training_bytes,
 )
 
+# ---- the MD4-style bidirectional transformer (text) ------------------------------------------------
+_TRANSFORMER_DERIVED = {"vocab", "input_vocab", "length"}
+
+
+def _transformer_configure(data: DataSpec, process: Process, settings: dict[str, Any]) -> TransformerConfig:
+    """Transformer config for token data of any fixed length d (the data's)."""
+    if not isinstance(process, CategoricalProcess):
+        raise ConfigError(f"the transformer architecture denoises tokens; {process.name} noise needs another --arch")
+    if data.length is None:
+        raise ConfigError("the transformer needs sequences of one fixed length")
+    kw = dict(settings)
+    # Masked: the optimal denoiser ignores t, so embed it only when the process asks for it (as the
+    # U-Net does). Uniform noise: the noise level is not visible in x_t, the network needs it.
+    masked = process.mask_id is not None
+    kw.setdefault("time_embedding", bool(getattr(process.config, "time_conditioning", False)) if masked else True)
+    return TransformerConfig(vocab=process.vocab, input_vocab=process.input_vocab, length=data.length, **kw)
+
+
+TRANSFORMER = Architecture(
+    name="transformer",
+    config_class=TransformerConfig,
+    settings=frozenset({f.name for f in dataclasses.fields(TransformerConfig)} - _TRANSFORMER_DERIVED),
+    configure=_transformer_configure,
+    build=lambda config, process, seed: TransformerDenoiser(config, seed=seed),
+    memory_bytes=transformer_training_bytes,
+    mup=False,
+)
+
 #: name -> Architecture. Add a new network with one line here.
-ARCHITECTURES: dict[str, Architecture] = {UNET.name: UNET}
+ARCHITECTURES: dict[str, Architecture] = {UNET.name: UNET, TRANSFORMER.name: TRANSFORMER}
 
 
 def architecture(name: str) -> Architecture:

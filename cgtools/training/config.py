@@ -24,7 +24,9 @@ class TrainConfig:
     steps: optimiser steps. batch_size: global batch (split over DDP processes). lr: learning rate
     in μP units (see cgtools.models.mup) unless lr_scheme is "global" (raw rate for every
     parameter). lr_schedule/decay_start: constant, or a decay to 0 that starts at fraction
-    `decay_start` of the run. warmup: linear warm-up steps. ema: weight-average decay (0 = off;
+    `decay_start` of the run. warmup: linear warm-up steps. grad_clip: clip the global gradient
+    norm (over every parameter) to this value after the backward pass, before the step (None =
+    off). ema: weight-average decay (0 = off;
     the average is what is evaluated and saved as the model). eval_every: steps between
     validations. early_evals: also validate at this many log-spaced steps per decade below
     eval_every (0 = off), so that the best-validation model of a run whose validation loss bottoms
@@ -45,6 +47,7 @@ class TrainConfig:
     lr_schedule: LrSchedule = "constant"
     decay_start: float = 0.0
     warmup: int = 0
+    grad_clip: float | None = None
     ema: float = 0.0
     eval_every: int = 500
     early_evals: int = 0
@@ -69,6 +72,8 @@ class TrainConfig:
             raise ConfigError(f"lr schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
         if not 0 <= self.decay_start < 1:
             raise ConfigError(f"decay-start must be in [0, 1), got {self.decay_start}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad-clip must be positive, got {self.grad_clip}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.momentum < 1:

@@ -16,7 +16,8 @@ import torch
 
 from cgtools.diffusion.base import CategoricalProcess, Denoiser, ProcessConfig
 from cgtools.diffusion.registry import make_process
-from cgtools.diffusion.sampling import forward_backward, sample
+from cgtools.diffusion.sampling import CountingDenoiser, forward_backward, sample, start_grid, top_p_denoiser
+from cgtools.errors import ConfigError
 from cgtools.diffusion.uniform import UniformConfig
 from cgtools.formats.files import atomic_output, check_output
 from cgtools.formats.sequences import SequencesWriter, sequences_meta
@@ -67,13 +68,29 @@ class SampleConfig:
     final_step: str | None = None  # "argmax" or "sample"; None: the process's default
     cache: bool | None = None  # masked: skip the network when nothing changed (None: when exact)
     noise: float | None = None  # forward-backward level E (with from_tokens)
+    top_p: float = 1.0  # masked: draw x0 from the denoiser's nucleus of this mass (1 = off)
 
 
 def generate(model, cfg: SampleConfig, from_tokens: np.ndarray | None = None,
-             device: str = "cpu") -> np.ndarray:
-    """Token array [N, d] (int64) drawn from `model` (a DiffusionModel or an ExactModel)."""
+             device: str = "cpu", stats: dict | None = None) -> np.ndarray:
+    """Token array [N, d] (int64) drawn from `model` (a DiffusionModel or an ExactModel).
+
+    stats: if given, receives "forwards" (denoiser evaluations, in rows: one sequence at one
+    step) and "row_steps" (what a sampler without cache evaluates), so the cache's saving is
+    row_steps - forwards.
+    """
+    if cfg.top_p < 1.0 and model.process.name != "masked":
+        raise ConfigError(f"--top-p applies to masked diffusion, not {model.process.name} noise")
     gen = torch_generator(cfg.seed, "sample")
-    denoiser = model.denoiser()
+    denoiser = CountingDenoiser(top_p_denoiser(model.denoiser(), cfg.top_p))
+    if stats is not None:
+        if from_tokens is not None:
+            start = model.process.time_for_corruption(float(cfg.noise))
+            steps = len(start_grid(model.process, start, cfg.steps)) if start else 0
+            rows = len(from_tokens)
+        else:
+            steps, rows = len(model.process.time_grid(cfg.steps)), cfg.num
+        stats["row_steps"] = steps * rows
     if from_tokens is not None:
         x0 = torch.as_tensor(np.asarray(from_tokens, dtype=np.int64), device=device)
         out = forward_backward(model.process, denoiser, x0, float(cfg.noise), gen, steps=cfg.steps,
@@ -81,14 +98,17 @@ def generate(model, cfg: SampleConfig, from_tokens: np.ndarray | None = None,
     else:
         out = sample(model.process, denoiser, cfg.num, model.length, gen, steps=cfg.steps,
                      batch_size=cfg.batch_size, final_step=cfg.final_step, cache=cfg.cache, device=device)
+    if stats is not None:
+        stats["forwards"] = denoiser.rows
     return out.cpu().numpy()
 
 
 def write_samples(tokens: np.ndarray, grammar: Grammar | None, vocab: int, out: str, force: bool,
-                  provenance: dict, **extra) -> None:
-    """Write generated tokens as a sequences table carrying the grammar and provenance."""
+                  provenance: dict, *, carried: dict | None = None, **extra) -> None:
+    """Write generated tokens as a sequences table carrying the grammar and provenance, and
+    `carried`: the training table's keys a checkpoint kept (training.source.carried_meta)."""
     check_output(out, force)
-    meta = sequences_meta(None if grammar is None else grammar.to_json(), provenance, **extra)
+    meta = sequences_meta(None if grammar is None else grammar.to_json(), provenance, **(carried or {}), **extra)
     with atomic_output(out, force) as sink:
         writer = SequencesWriter(sink, length=tokens.shape[1], vocab=vocab, meta=meta)
         for start in range(0, len(tokens), 65536):

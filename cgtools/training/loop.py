@@ -8,7 +8,8 @@ then equals the single-process gradient of the whole batch).
 
 RUN_DIR layout: model.safetensors (the best model by validation loss), last.safetensors (the
 latest state, with optimizer state: what --resume reads), checkpoints/step_XXXXXXXX.safetensors
-(log-spaced over training), metrics.parquet (one row per validation).
+(log-spaced over training: in steps, hence in training tokens = step × batch × d, which each
+checkpoint's metadata records as "tokens"), metrics.parquet (one row per validation).
 """
 
 from __future__ import annotations
@@ -106,11 +107,14 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def run_meta(run: RunConfig, grammar: Grammar | None, provenance: dict) -> dict:
-    """The metadata every checkpoint of a run carries (configs, grammar, provenance)."""
+def run_meta(run: RunConfig, grammar: Grammar | None, provenance: dict, data_meta: dict | None = None) -> dict:
+    """The metadata every checkpoint of a run carries (configs, grammar, provenance, and the
+    training table's keys that samples need downstream: "tokenizer", "vocab"; see
+    cgtools.training.source.carried_meta)."""
     return {"arch": run.arch, "model": json.loads(run.model.to_json()),
             "process": json.loads(run.process.to_json()), "train": run.train.to_dict(),
-            "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance}
+            "grammar": None if grammar is None else grammar.to_json(), "provenance": provenance,
+            **(data_meta or {})}
 
 
 class Trainer:
@@ -161,8 +165,14 @@ class Trainer:
         self.window: list[float] = []  # training losses since the last validation
 
     # ---- state ---------------------------------------------------------------------------------
+    def tokens_seen(self, step: int | None = None) -> int | None:
+        """Training tokens (step × batch × length, all processes) after `step` (default: now);
+        None when the network has no fixed length."""
+        length = self.model.length
+        return None if length is None else (self.step if step is None else step) * self.cfg.batch_size * length
+
     def _meta(self, **extra) -> dict:
-        return {**self.meta, "step": self.step, "best_val_loss": self.best_val,
+        return {**self.meta, "step": self.step, "tokens": self.tokens_seen(), "best_val_loss": self.best_val,
                 "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "seconds": self.elapsed, **extra}
 
@@ -227,6 +237,8 @@ class Trainer:
                               f"lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:  # DDP has averaged the gradients already: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(self.model.network.parameters(), cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():
@@ -295,7 +307,7 @@ class Trainer:
                             self._weights(), self._meta())
         if not self.eval_due():
             return None, False
-        row = {"step": self.step, "examples": self.step * cfg.batch_size,
+        row = {"step": self.step, "examples": self.step * cfg.batch_size, "tokens": self.tokens_seen(),
                "train_loss": float(np.mean(self.window)), "lr": cfg.lr * cfg.lr_factor(self.step - 1),
                "seconds": self.elapsed, **self.evaluate()}
         self.window = []
@@ -415,8 +427,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> bool:
 
 def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | None,
           val_tokens: np.ndarray, grammar: Grammar | None, provenance: dict, device: str = "cpu",
-          resume: bool = False, force: bool = False, stop_after: int | None = None) -> TrainResult:
-    """Train a diffusion model and write RUN_DIR (see the module docstring)."""
+          resume: bool = False, force: bool = False, stop_after: int | None = None,
+          data_meta: dict | None = None) -> TrainResult:
+    """Train a diffusion model and write RUN_DIR (see the module docstring). data_meta: the
+    training table's keys every checkpoint carries (TrainingData.meta)."""
     cfg = run.train
     run_dir = Path(run_dir)
     dist = init_distributed(device)
@@ -430,7 +444,7 @@ def train(run: RunConfig, run_dir: str | Path, *, train_tokens: np.ndarray | Non
         flag = torch.tensor([int(resuming)])
         tdist.broadcast(flag, 0)  # every rank resumes, or none does
         resuming = bool(flag.item())
-    meta = run_meta(run, grammar, provenance)
+    meta = run_meta(run, grammar, provenance, data_meta)
     model = build_model(run.arch, run.model, run.process, seed=cfg.seed, device=device, grammar=grammar,
                         meta=meta)
     trainer = Trainer(model, cfg, run_dir, train_tokens=train_tokens, val_tokens=val_tokens,

@@ -16,6 +16,15 @@ section per architecture name) and the training loop. `cgtools train` and `cgtoo
   T = 200, linear β 1e-3 → 0.1, Adam 1e-4 on every parameter (no μP learning rates), LayerNorm in
   blocks, no time embedding, the standardised leaf message as input (with the authors' moments),
   concatenated skips, GeLU after the embedding, batch 64, width 1024.
+* ``text``: MD4's text recipe (reference/diffusion.md §2.4) at CPU scale, for tokenised text:
+  masked diffusion (continuous time, linear schedule, no time input) and the ``transformer``
+  architecture (both chosen unless --process / --arch say otherwise), width 128, 4 layers, 4
+  heads, SwiGLU; Adam at 1e-3 on every parameter (lr_scheme "global": the transformer has no μP
+  classes), 500 linear warm-up steps then a cosine decay to 0 over the run, gradient norm clipped
+  to 1, weight average 0.999, batch 32, 10000 steps.
+
+A preset may name the process and architecture a run uses when --process / --arch are not given
+(``"choose"``); otherwise they are uniform and unet.
 
 Explicit settings (flags) are routed by name to the section they belong to — the training loop
 (TrainConfig), the chosen process's config, or the chosen architecture — and a setting that
@@ -63,7 +72,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "deconv_fan_in": "cin_k"}},
         "train": {"optimizer": "adam", "lr": 1e-4, "lr_scheme": "global", "batch_size": 64},
     },
+    "text": {
+        "choose": {"process": "masked", "arch": "transformer"},
+        "process": {"masked": {}},
+        "model": {"transformer": {"width": 128, "layers": 4, "heads": 4, "mlp": "swiglu"}},
+        "train": {"optimizer": "adam", "lr": 1e-3, "lr_scheme": "global", "lr_schedule": "cosine",
+                  "decay_start": 0.0, "warmup": 500, "grad_clip": 1.0, "ema": 0.999, "batch_size": 32,
+                  "steps": 10000},
+    },
 }
+
+#: --process and --arch when neither the flags nor the preset's "choose" name them
+DEFAULT_CHOICE = {"process": "uniform", "arch": "unet"}
 
 
 def preset_names() -> tuple[str, ...]:
@@ -71,10 +91,18 @@ def preset_names() -> tuple[str, ...]:
 
 
 def preset(name: str) -> dict[str, Any]:
-    """A copy of preset `name`: {"process": {name: {...}}, "model": {arch: {...}}, "train": {...}}."""
+    """A copy of preset `name`: {"process": {name: {...}}, "model": {arch: {...}}, "train": {...}}
+    and optionally "choose": {"process": name, "arch": name}."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+def preset_choice(preset_name: str, what: str, given: str | None = None) -> str:
+    """`given` (a --process or --arch value), else the preset's choice, else DEFAULT_CHOICE."""
+    if given is not None:
+        return given
+    return preset(preset_name).get("choose", {}).get(what, DEFAULT_CHOICE[what])
 
 
 def process_defaults(preset_name: str, process: str) -> dict[str, Any]:
@@ -103,14 +131,16 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def resolve_run(preset_name: str, *, process: str, arch: str, data: DataSpec,
+def resolve_run(preset_name: str, *, process: str | None, arch: str | None, data: DataSpec,
                 settings: dict[str, Any]) -> RunConfig:
     """Preset defaults overridden by explicit `settings` (name -> value; None = not given).
 
-    Each setting goes to the training loop, the process or the architecture, whichever knows its
-    name; a name none of them knows is a ConfigError that says so.
+    process / arch None: the preset's choice (preset_choice). Each setting goes to the training
+    loop, the process or the architecture, whichever knows its name; a name none of them knows is
+    a ConfigError that says so.
     """
     base = preset(preset_name)
+    process, arch = preset_choice(preset_name, "process", process), preset_choice(preset_name, "arch", arch)
     net: Architecture = architecture(arch)
     proc_cls = process_class(process)
     train_names, proc_names = _fields(TrainConfig), _fields(proc_cls.Config)
@@ -130,4 +160,8 @@ def resolve_run(preset_name: str, *, process: str, arch: str, data: DataSpec,
     proc_cfg = make_config(process, proc_kw)
     proc: Process = make_process(proc_cfg, data.vocab if data.vocab is not None else 2)
     model_cfg = net.configure(data, proc, model_kw)
-    return RunConfig(arch, model_cfg, proc_cfg, TrainConfig.from_dict(train_kw))
+    train_cfg = TrainConfig.from_dict(train_kw)
+    if not net.mup and train_cfg.lr_scheme != "global":
+        raise ConfigError(f"the {arch} architecture has no μP learning rates; train it with --lr-scheme global "
+                          f"and a raw --lr (the text preset does: --preset text)")
+    return RunConfig(arch, model_cfg, proc_cfg, train_cfg)

@@ -3,7 +3,7 @@ the DataSpec an architecture is sized from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,12 +14,23 @@ from cgtools.grammar.source import check_same_grammar, resolve_grammar
 from cgtools.models.registry import DataSpec
 
 
+#: Metadata keys of a training table that its checkpoints and their samples carry, so that the
+#: samples can be decoded downstream (`cgtools detokenize` reads "tokenizer").
+CARRIED_KEYS = ("tokenizer", "vocab")
+
+
+def carried_meta(meta: dict) -> dict:
+    """The CARRIED_KEYS present (and not None) in a table's or checkpoint's metadata."""
+    return {k: meta[k] for k in CARRIED_KEYS if meta.get(k) is not None}
+
+
 @dataclass(frozen=True)
 class TrainingData:
     train: np.ndarray  # [P, d] int64
     val: np.ndarray  # [N, d] int64
     grammar: Grammar | None
     spec: DataSpec
+    meta: dict = field(default_factory=dict)  # carried_meta of the training table
 
 
 def training_data(table: SequencesTable, val_table: SequencesTable, *, online: bool = False,
@@ -61,7 +72,7 @@ def training_data(table: SequencesTable, val_table: SequencesTable, *, online: b
             raise InputError(f"{val_table.display()}: {shared:.1%} of the validation sequences are also in "
                              f"{table.display()} (early stopping would measure memorisation); draw a disjoint "
                              f"split (rhm-gen --exclude) or pass --allow-overlap")
-    return TrainingData(train, val, grammar, spec)
+    return TrainingData(train, val, grammar, spec, carried_meta(table.meta))
 
 
 def overlap_fraction(rows: np.ndarray, reference: np.ndarray) -> float:

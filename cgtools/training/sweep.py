@@ -9,7 +9,8 @@ step over [K, ...] tensors. Members differ in everything random: member i draws,
 exactly the batch, noise levels and noise a single run with its seed draws (its own OfflineData /
 OnlineData and torch_generator(seed_i, "noise", k)), from weights initialised from seed_i; the
 stacked losses are summed, and since no operation mixes members, each slice receives its own
-member's gradient. Results match single runs up to float rounding (batched GEMMs round
+member's gradient (and --grad-clip clips each member's own gradient norm: clip_stacked_grad_norm_).
+Results match single runs up to float rounding (batched GEMMs round
 differently from single ones), not bit for bit.
 
 Each member keeps a `Trainer` (cgtools.training.loop) for everything but the step: its slice is
@@ -39,6 +40,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,10 @@ log = logging.getLogger(__name__)
 #: only cost memory.
 DEFAULT_MAX_STACK = 8
 
+# vmap runs ops without a batching rule (the CPU flash-attention kernel behind the transformer's
+# scaled_dot_product_attention) member by member, correctly, and warns about it at every call.
+_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
+
 
 @dataclass
 class SweepMember:
@@ -76,6 +82,7 @@ class SweepMember:
     grammar: Grammar | None
     provenance: dict = field(default_factory=dict)
     label: str = ""  # default: the run directory
+    data_meta: dict = field(default_factory=dict)  # the training table's carried keys (TrainingData.meta)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -229,7 +236,7 @@ def _side_by_side(stacks: list[list[int]], train_stack, jobs: int, threads: int)
 
 
 def member_from_files(data: str | Path, val: str | Path, run_dir: str | Path, *, preset: str,
-                      process: str, arch: str, settings: dict[str, Any], allow_overlap: bool = False,
+                      process: str | None, arch: str | None, settings: dict[str, Any], allow_overlap: bool = False,
                       label: str = "") -> SweepMember:
     """A member from its tables, as `cgtools train DATA --val VAL -o RUN_DIR` with `settings` reads
     them (the same checks: grammar, vocabulary, overlap), with "cgtools sweep" provenance."""
@@ -244,12 +251,12 @@ def member_from_files(data: str | Path, val: str | Path, run_dir: str | Path, *,
     data_set = training_data(table, val_table, online=bool(settings.get("online")), allow_overlap=allow_overlap)
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
     return SweepMember(run, Path(run_dir), data_set.train, data_set.val, data_set.grammar,
-                       provenance("sweep", run.train.seed, sources), label)
+                       provenance("sweep", run.train.seed, sources), label, data_set.meta)
 
 
 def _trainer(m: SweepMember, device: str, resuming: bool) -> Trainer:
     """The member's Trainer with freshly initialised (or resumed) weights, as `train` builds it."""
-    meta = run_meta(m.run, m.grammar, m.provenance)
+    meta = run_meta(m.run, m.grammar, m.provenance, m.data_meta)
     model = build_model(m.run.arch, m.run.model, m.run.process, seed=m.run.train.seed, device=device,
                         grammar=m.grammar, meta=meta)
     tr = Trainer(model, m.run.train, m.run_dir, train_tokens=m.train_tokens, val_tokens=m.val_tokens,
@@ -257,6 +264,19 @@ def _trainer(m: SweepMember, device: str, resuming: bool) -> Trainer:
     if resuming:
         tr.resume()
     return tr
+
+
+def clip_stacked_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for each member of stacked parameters [K, ...] separately:
+    member k's gradients are scaled by min(1, max_norm / (‖g_k‖ + 1e-6)), ‖g_k‖ its global norm
+    over every parameter (torch's formula). Returns the norms before clipping [K]."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # [P, K]
+    total = norms.norm(dim=0)  # [K]
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+    return total
 
 
 def _per_element(value: Any, stacked: torch.Tensor) -> bool:
@@ -369,16 +389,20 @@ class StackedRun:
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
                     else nullcontext())
         tau = proc.network_time(t.reshape(-1)).view(K, B)  # [K, B]
-        with autocast:
-            logits = self._forward(self.params, self.buffers, x_t, tau)  # [K, B, d, V]
-        terms = proc.loss(logits.float().flatten(0, 1), x0.flatten(0, 1), x_t.flatten(0, 1), t.flatten())
-        losses = terms.loss.view(K, B).mean(1)  # [K], each member's training objective
-        finite = torch.isfinite(losses)
-        # A diverged member gets no gradient from the sum (and leaves the stack after this step);
-        # no operation mixes members, so the others' slices see only their own losses.
-        total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        with warnings.catch_warnings():  # forward and backward (see _FALLBACK_WARNING)
+            warnings.filterwarnings("ignore", message=_FALLBACK_WARNING)
+            with autocast:
+                logits = self._forward(self.params, self.buffers, x_t, tau)  # [K, B, d, V]
+            terms = proc.loss(logits.float().flatten(0, 1), x0.flatten(0, 1), x_t.flatten(0, 1), t.flatten())
+            losses = terms.loss.view(K, B).mean(1)  # [K], each member's training objective
+            finite = torch.isfinite(losses)
+            # A diverged member gets no gradient from the sum (and leaves the stack after this step);
+            # no operation mixes members, so the others' slices see only their own losses.
+            total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        if self.cfg.grad_clip is not None:
+            clip_stacked_grad_norm_(list(self.params.values()), self.cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Text: tokenizers, language models and the text analyses (perplexity)."""
