@@ -109,7 +109,7 @@ def summary(args: argparse.Namespace) -> int:
     head = " ".join(f"{k:>9}" for k in shown)
     cells = lambda r: " ".join(f"{str(r.get(k, '-')):>9}" for k in shown)
     lines = [f"{args.figure}: sample complexity P* (clustering: first ARI crossing of {args.threshold:g}; "
-             f"diffusion: first crossing of A_L = 1/2; seeds averaged), fit log P* = a + b log m"]
+             f"diffusion: last upward crossing of A_L = 1/2; seeds averaged), fit log P* = a + b log m"]
     if grammar:
         lines.append(f"grammar: L = {grammar['depth']}, s = {grammar['branching']}, v = {grammar['vocab']}, "
                      f"n_classes = {grammar['n_classes']}; m = {out['synonyms']}; seeds = {args.seeds}")

@@ -128,8 +128,25 @@ def forward_backward_tables(tmp_path):
     return paths
 
 
+def perplexity_tables(tmp_path):
+    """Perplexity falling with T, faster for later training steps, and a reference table."""
+    t = [1, 2, 4, 8, 16, 32]
+    paths = []
+    for step in (100, 1000, 10000):
+        nll = [5.0 - np.log10(step) * 0.4 * np.log2(c) / 5 for c in t]
+        paths.append(write(tmp_path / f"ppl_{step}.parquet",
+                           {"context_length": t, "nll": nll, "nll_se": [0.05] * 6, "perplexity": np.exp(nll).tolist(),
+                            "n": [64] * 6}, "perplexity", {"step": step}))
+    nll = [5.0 - 0.8 * np.log2(c) / 5 for c in t]
+    paths.append(write(tmp_path / "ppl_ref.parquet",
+                       {"context_length": t, "nll": nll, "nll_se": [0.05] * 6, "perplexity": np.exp(nll).tolist(),
+                        "n": [64] * 6}, "perplexity", {"reference": "data"}))
+    return paths
+
+
 KINDS = {
     "accuracy": (accuracy_tables, []),
+    "perplexity": (perplexity_tables, []),
     "accuracy-online": (metrics_tables, []),
     "correlation": (correlation_tables, []),
     "sample-complexity": (sample_complexity_tables, []),

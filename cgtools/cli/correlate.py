@@ -19,7 +19,7 @@ def correlate(
     by_tree_distance: Annotated[bool, typer.Option("--by-tree-distance", help="RHM data: group the pairs by the level of their lowest common ancestor (1 = siblings); the distance column holds that level.")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="The infinite-data value for the grammar (from --grammar or SEQS), computed from the tree's Markov structure without sampling.")] = False,
     grammar: GrammarOpt = None,
-    vocab: Annotated[Optional[int], typer.Option("--vocab", min=1, help="Vocabulary size v (default: the grammar's v, else the largest token id + 1; give it for text, e.g. 50257 for GPT-2).")] = None,
+    vocab: Annotated[Optional[int], typer.Option("--vocab", min=1, help="Vocabulary size v (default: the grammar's v, else the table's metadata 'vocab' (cgtools tokenize writes it), else the largest token id + 1).")] = None,
     max_distance: Annotated[Optional[int], typer.Option("--max-distance", min=1, help="Largest distance t (largest LCA level with --by-tree-distance) [default: all].", metavar="T")] = None,
     column: Annotated[str, typer.Option("--column", help="List column to measure.")] = "tokens",
     batch_size: BatchOpt = 65536,
@@ -111,7 +111,7 @@ def _measure(corr, table, g, mode, vocab, max_distance, column, batch_size):
     from cgtools.formats.sequences import TOKENS
 
     where = f"{table.display()}: column '{column}'" if column != TOKENS else table.display()
-    v = vocab if vocab is not None else (g.vocab if g is not None else None)
+    v = vocab if vocab is not None else (g.vocab if g is not None else table.meta.get("vocab"))
     length = table.fixed_length if column == TOKENS else None
     if mode == "tree":
         length = g.length

@@ -32,6 +32,7 @@ KINDS = {
     "cluster": "cluster",
     "sensitivity": "sensitivity",
     "phase-transition": "phase_transition",
+    "perplexity": "perplexity",
 }
 
 
