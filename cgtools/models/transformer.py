@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgtools.errors import ConfigError
+from cgtools.models.time_embedding import sinusoid
 
 CONFIG_SCHEMA = "transformer/1"
-# The sinusoid sees 1000·t, as the U-Net's and MD4's time embeddings do.
-TIME_SCALE = 1000.0
 INIT_STD = 0.02
 
 
@@ -238,10 +237,7 @@ class TransformerDenoiser(nn.Module):
         # One time for the batch (a sampler step) is embedded once and broadcast; shapes only, no
         # test of values (vmap).
         t = t.reshape(1) if t.numel() == 1 else t.reshape(batch)
-        half = c.time_dim // 2
-        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / (half - 1)).to(t)
-        arg = TIME_SCALE * t[:, None] * freqs[None, :]  # [B, half]
-        emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # [B, time_dim]
+        emb = sinusoid(t, c.time_dim)  # [B, time_dim]
         cond = F.linear(F.silu(F.linear(emb, self.time_in)), self.time_hidden)
         return F.silu(cond)[:, None, :]  # [B, 1, n]
 

@@ -42,12 +42,10 @@ from torch import Tensor, nn
 
 from cgtools.errors import ConfigError
 from cgtools.models.mup import ParamInfo, check_param_info
+from cgtools.models.time_embedding import sinusoid
 
 PAPER_WIDTH = 8192
 CONFIG_SCHEMA = "unet/1"
-# The sinusoid sees 1000·t so that its frequencies 10000^-m/(h/2-1) resolve 1000 noise levels
-# (the D3PM / MD4 / iDDPM convention, reference/diffusion.md §1.8).
-TIME_SCALE = 1000.0
 LAYERNORM_EPS = 1e-5
 
 
@@ -348,10 +346,7 @@ class UNet(nn.Module):
         # data-dependent control flow.
         t = t.reshape(1) if t.numel() == 1 else t.reshape(batch)
         rows = t.shape[0]
-        half = c.time_dim // 2
-        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / (half - 1))
-        arg = TIME_SCALE * t[:, None] * freqs.to(t)[None, :]  # [B, half]
-        emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # [B, time_dim]
+        emb = sinusoid(t, c.time_dim)  # [B, time_dim]
         mult = self._infos["time_weight"].multiplier
         return (torch.mm(emb, self.time_weight) * mult).view(rows, 2 * c.depth, c.width)  # broadcasts over B
 
