@@ -133,8 +133,13 @@ def test_summary(outputs, fig):
     assert summary["figure"] == fig and summary["seeds"] == [0] and summary["synonyms"] == [2, 3]
     top = TINY[fig]["L"] - 1
     assert {f["theory_exponent"] for f in summary["fits"] if f["level"] == top} == {TINY[fig]["L"] + 1}
-    assert len(summary["p_star"]) == len(pq.read_table(outputs / fig / f"pstar_level{top}.parquet")) + (
-        2 if fig == "fig7" else 0)
+    cluster = [r for r in summary["p_star"] if r["source"] == "cluster"]
+    assert len(cluster) == len(pq.read_table(outputs / fig / f"pstar_level{top}.parquet")) + (
+        2 if fig == "fig7" else 0)  # fig7 also summarises level 1 (2 rows)
+    diffusion = [r for r in summary["p_star"] if r["source"] == "diffusion"]
+    # fig2 gets the synthetic diffusion table (DIFFUSION=): its rows, level 2, m = 2 and 3
+    assert sorted(r["m"] for r in diffusion) == ([2, 3] if fig == "fig2" else [])
+    assert {r["level"] for r in diffusion} <= {2}
     for f in summary["fits"]:
         if f["exponent"] is not None:
             assert math.isclose(f["relative_deviation"], f["exponent"] / f["theory_exponent"] - 1)
