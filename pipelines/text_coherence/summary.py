@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.metrics, "rb") as f:  # one open file: the run may be rewriting it
         metrics = pq.read_table(f).to_pylist()
+    per_step = next((m["tokens"] / m["step"] for m in metrics if m.get("tokens") and m["step"]), None)
     stages: dict[str, dict] = {}
     for path in args.corr:
         meta, rows = _rows(path, "correlation")
@@ -77,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     out = {"stages": {}}
     for step in sorted(stages, key=order):
         s = stages[step]
+        # the validation loss where a validation fell on the checkpoint's step ("-" otherwise:
+        # the nearest validation would describe other weights); tokens = step x batch x length
         row = next((m for m in metrics if str(m["step"]) == step), None)
-        if row is None and step.isdigit():
-            row = min(metrics, key=lambda m: abs(m["step"] - int(step)), default=None)
-        tokens = row.get("tokens") if row and step.isdigit() else None
-        loss = row.get("val_loss") if row and step.isdigit() else None
+        loss = row.get("val_loss") if row else None
+        tokens = int(step) * per_step if step.isdigit() and per_step else None
         xi, capped = s.get("coherence", (None, False))
         xi_text = "-" if xi is None else (f">={xi}" if capped else str(xi))
         ppl = s.get("ppl", {})
