@@ -113,12 +113,14 @@ COMMANDS = (
     ("forward-backward", "forward_backward", "forward_backward"),
     ("correlate", "correlate", "correlate"),
     ("perplexity", "perplexity", "perplexity"),
+    ("mmd", "mmd", "mmd"),
     ("cluster", "cluster", "cluster"),
     ("sensitivity", "sensitivity", "sensitivity"),
     ("sample-complexity", "sample_complexity", "sample_complexity"),
     ("plot", "plot", "plot"),
     ("tokenize", "tokenize", "tokenize"),
     ("detokenize", "detokenize", "detokenize"),
+    ("images", "images", "images"),
 )
 
 

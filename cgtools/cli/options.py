@@ -34,17 +34,19 @@ SynonymsOpt = Annotated[Optional[int], typer.Option("--synonyms", "-m", min=1, h
 NClassesOpt = Annotated[Optional[int], typer.Option("--n-classes", min=1, help="Root symbols (default v).", metavar="N")]
 ProcessOpt = Annotated[
     Optional[str],
-    typer.Option("--process", help="Noise process: 'uniform' (tokens redrawn uniformly, D3PM) or 'masked' "
-                 "(tokens masked, MD4).", metavar="PROCESS"),
+    typer.Option("--process", help="Noise process: 'uniform' (tokens redrawn uniformly, D3PM), 'masked' "
+                 "(tokens masked, MD4) or 'gaussian' (images, Improved DDPM).", metavar="PROCESS"),
 ]
 PresetOpt = Annotated[str, typer.Option("--preset", help="Defaults (cgtools.training.presets): 'cpu' (fast on CPU), "
                                         "'paper' (the paper's text), 'reference-code' (the authors' public code) or 'text' (MD4-style "
                                         "masked diffusion with the transformer, for tokenised text); "
                                         "explicit flags override them.", metavar="NAME")]
-TOpt = Annotated[Optional[int], typer.Option("--T", min=1, help="Noise levels of the uniform process (masked: steps "
-                                             "of a discrete-time bound) [default: the preset's].", metavar="T")]
+TOpt = Annotated[Optional[int], typer.Option("--T", min=1, help="Noise levels of the uniform and gaussian processes "
+                                             "(masked: steps of a discrete-time bound) [default: the preset's].",
+                                             metavar="T")]
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Noise schedule: uniform linear-beta, linear-alpha "
-                                                    "or cosine; masked linear or cosine [default: the preset's].",
+                                                    "or cosine; masked linear or cosine; gaussian cosine or linear [default: the "
+                                                    "preset's].",
                                                     metavar="NAME")]
 NoiseOpt = Annotated[
     Optional[str],
@@ -70,7 +72,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="'cpu' or 'cuda' (rando
                                         "either way).", metavar="DEVICE")]
 LimitOpt = Annotated[
     Optional[int],
-    typer.Option("--limit", min=1, help="Use only the first N sequences of the input.", metavar="N"),
+    typer.Option("--limit", min=1, help="Use only the first N rows of the input (sequences, or images of an image table).", metavar="N"),
 ]
 # Old spellings, kept for one release: hidden from --help, a deprecation line on stderr when used.
 OldStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, hidden=True)]

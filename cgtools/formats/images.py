@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -135,9 +135,20 @@ class ImagesTable:
             return None
         return self._table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.int64)
 
+    def label_names(self) -> list[str] | None:
+        """Class names of the label column (a `datasets` ClassLabel), or None."""
+        raw = (self._table.schema.metadata or {}).get(HF_KEY)
+        try:
+            feature = json.loads(raw)["info"]["features"][LABEL] if raw is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        names = feature.get("names") if isinstance(feature, dict) else None
+        return list(names) if names else None
+
     def png_bytes(self, limit: int | None = None) -> list[bytes]:
-        col = self._table.column(IMAGE).combine_chunks().field("bytes")
-        out = col.to_pylist()[:limit]
+        """The encoded bytes of the first `limit` images (only those are copied out of Arrow)."""
+        col = self._table.column(IMAGE).slice(0, limit).combine_chunks().field("bytes")
+        out = col.to_pylist()
         if any(b is None for b in out):
             raise SchemaError(f"{self.display()}: an image has no bytes (path-only images are not supported)")
         return out
@@ -160,6 +171,22 @@ class ImagesTable:
             raise InputError(f"{self.display()}: images differ in size ({', '.join(map(str, sorted(shapes)[:3]))}); "
                              f"resize them (e.g. `cgtools images --size`)")
         return np.stack(images)
+
+    def iter_batches(self, batch_size: int, limit: int | None = None, channels: int | None = None,
+                     size: tuple[int, int] | None = None) -> Iterator[list[np.ndarray]]:
+        """The first `limit` images decoded `batch_size` at a time: lists of uint8 [H, W, C]
+        (sizes may differ between images unless `size` is given). Only one batch is decoded at
+        once."""
+        data = self.png_bytes(limit)
+        if not data:
+            raise InputError(f"{self.display()}: no images")
+        if channels is None:
+            channels = self.meta.get("channels")
+        for start in range(0, len(data), batch_size):
+            try:
+                yield [decode_png(b, channels, size) for b in data[start:start + batch_size]]
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{self.display()}: an image cannot be decoded ({exc})") from None
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ the figure (format from the output's suffix: PNG, SVG or PDF).
 | cluster | cluster | cluster | Fig. 7 style: ARI per level vs P |
 | sensitivity | sensitivity | sensitivity (+ accuracy) | Fig. 6: S_{k,l} vs P per block |
 | phase-transition | phase_transition | forward-backward | companion paper: changed per level vs noise |
+| perplexity | perplexity | perplexity | Fig. 8: conditional perplexity vs context length |
+| grid | grid | an image table (images/1, or `datasets` Parquet) | a look at images or samples |
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ KINDS = {
     "sensitivity": "sensitivity",
     "phase-transition": "phase_transition",
     "perplexity": "perplexity",
+    "grid": "grid",
 }
 
 
@@ -40,12 +43,17 @@ KINDS = {
 class PlotOptions:
     """What the user may choose. x: the tag or column on the x axis (None: the kind's default);
     group: the tag whose values make separate panels or curves; title: the figure's title;
-    mean_field: phase-transition only, overlay the mean-field theory."""
+    mean_field: phase-transition only, overlay the mean-field theory; rows, cols, limit, labels:
+    grid only, the cells and number of images drawn and whether labels go under them."""
 
     x: str | None = None
     group: str | None = None
     title: str | None = None
     mean_field: bool = False
+    rows: int | None = None
+    cols: int | None = None
+    limit: int | None = None
+    labels: bool = False
 
 
 def kind_module(kind: str):
@@ -57,13 +65,23 @@ def kind_module(kind: str):
 
 def draw(kind: str, paths: Sequence[str | os.PathLike], options: PlotOptions | None = None):
     """Read the tables at `paths` and draw the figure of `kind` (a matplotlib Figure)."""
-    from cgtools.plots.tables import read_metrics_tables, read_tables
+    from cgtools.plots.tables import IMAGES, read_image_tables, read_metrics_tables, read_tables
 
     module = kind_module(kind)
     options = options or PlotOptions()
     if options.mean_field and kind != "phase-transition":
         raise ConfigError("--mean-field is for phase-transition figures only")
-    tables = read_metrics_tables(paths) if module.INPUTS is None else read_tables(paths, module.INPUTS)
+    if module.INPUTS != IMAGES:
+        given = [flag for flag, value in (("--rows", options.rows), ("--cols", options.cols),
+                                          ("--limit", options.limit), ("--labels", options.labels)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: for grid figures only")
+    if module.INPUTS is None:
+        tables = read_metrics_tables(paths)
+    elif module.INPUTS == IMAGES:
+        tables = read_image_tables(paths)
+    else:
+        tables = read_tables(paths, module.INPUTS)
     return module.figure(tables, options)
 
 

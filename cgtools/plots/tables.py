@@ -18,6 +18,7 @@ from cgtools.formats.metrics import METRICS_SCHEMA
 from cgtools.formats.results import Results, read_results
 
 FILE = "_file"  # the column naming the table a row came from
+IMAGES = "images"  # a kind module's INPUTS when it reads image tables (cgtools.formats.images)
 
 
 def read_tables(paths: Sequence[str | os.PathLike], kinds: Sequence[str]) -> list[Results]:
@@ -48,6 +49,16 @@ def read_metrics_tables(paths: Sequence[str | os.PathLike]) -> list[Results]:
                               f"({METRICS_SCHEMA!r}, RUN_DIR/metrics.parquet)")
         out.append(Results(table.replace_schema_metadata(None), meta, source.display()))
     return out
+
+
+def read_image_tables(paths: Sequence[str | os.PathLike]) -> list:
+    """Image tables (cgtools.formats.images.ImagesTable): SchemaError for a results, sequences or
+    other table without an image column, naming the file."""
+    from cgtools.formats.images import ImagesTable
+
+    if not paths:
+        raise InputError("no tables given")
+    return [ImagesTable(open_input(p)) for p in paths]
 
 
 def tidy_rows(results: Sequence[Results]) -> list[dict]:
