@@ -135,7 +135,7 @@ def test_config_json_round_trip():
     proc = make_process(cfg, 8)
     assert proc.vocab == 8 and proc.input_vocab == 9 and proc.mask_id == 8
     with pytest.raises(ConfigError):
-        config_from_json('{"process": "gaussian"}')
+        config_from_json('{"process": "poisson"}')
 
 
 # ---- time sampling ---------------------------------------------------------------------------------

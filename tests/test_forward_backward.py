@@ -243,8 +243,10 @@ def test_cli_errors(data, tmp_path):
     assert res.exit_code == 1 and "[0, 1]" in res.stderr
     res = run("forward-backward", data, "--noise", "0:1")
     assert res.exit_code == 1 and "START:STOP:COUNT" in res.stderr
-    res = run("forward-backward", data, "--process", "gaussian")
+    res = run("forward-backward", data, "--process", "poisson")
     assert res.exit_code == 2
+    res = run("forward-backward", data, "--process", "gaussian")  # registered, but BP needs token noise
+    assert res.exit_code == 1 and "gaussian" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 # ---- trained-model denoisers -----------------------------------------------------------------------

@@ -161,6 +161,23 @@ class Process(ABC):
               steps: int | None = None) -> torch.Tensor:
         """Every term of the (respaced) bound, one x_t draw each: [B] nats per example."""
 
+    def denoiser_output(self, prediction: torch.Tensor) -> torch.Tensor:
+        """What the samplers take from a network's raw prediction (the denoiser's value): the
+        prediction itself in float32 here; token processes return log p̂(x0 | x_t)."""
+        return prediction.float()
+
+    # ---- training-time state (importance sampling of t) ---------------------------------------
+    def observe_losses(self, t: torch.Tensor, terms: LossTerms) -> None:
+        """Called by the training loop after each step with the batch's times [B] and loss terms
+        (a process whose `sample_t` adapts to the losses, e.g. importance sampling, records them)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors of training-time state that checkpoints keep (exact resume); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+
     # ---- reverse process -----------------------------------------------------------------------
     def check_final_step(self, final_step: str | None) -> str:
         """`final_step`, or this process's default; ConfigError for an unknown rule."""
@@ -201,6 +218,10 @@ class CategoricalProcess(Process):
     input_vocab: int  # ids x_t may hold
     mask_id: int | None = None
 
+    def denoiser_output(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Logits [B, d, K] -> log p̂(x0 | x_t) in float32 (float64 kept)."""
+        return log_probs_of(prediction)
+
     def check_observation(self, x_t: torch.Tensor) -> None:
         """InputError for observations that are not [B, d] ids in [0, input_vocab)."""
         if x_t.ndim != 2:
@@ -239,8 +260,9 @@ def logits_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 def network_denoiser(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      process: Process) -> Denoiser:
-    """The usual denoiser of a trained network: log_softmax(network(x_t, process.network_time(t)))."""
-    return logits_denoiser(lambda x_t, t: network(x_t, shared_time(process.network_time(t))))
+    """The usual denoiser of a trained network: process.denoiser_output(network(x_t, τ)) with
+    τ = process.network_time(t) (log_softmax of the logits for token processes)."""
+    return lambda x_t, t: process.denoiser_output(network(x_t, shared_time(process.network_time(t))))
 
 
 def shared_time(tau: torch.Tensor) -> torch.Tensor:

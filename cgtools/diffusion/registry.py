@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cgtools.diffusion.base import Process, ProcessConfig
+from cgtools.diffusion.gaussian import GaussianDiffusion
 from cgtools.diffusion.masked import MaskedDiffusion
 from cgtools.diffusion.uniform import UniformDiffusion
 from cgtools.errors import ConfigError
@@ -20,6 +21,7 @@ from cgtools.errors import ConfigError
 PROCESSES: dict[str, type[Process]] = {
     UniformDiffusion.name: UniformDiffusion,
     MaskedDiffusion.name: MaskedDiffusion,
+    GaussianDiffusion.name: GaussianDiffusion,
 }
 
 

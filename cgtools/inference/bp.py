@@ -61,7 +61,7 @@ _MAX_BLOCK = 1 << 16
 def check_grammar_process(grammar: Grammar, process: CategoricalProcess) -> None:
     """ConfigError unless `process` is a token process over the grammar's v symbols."""
     if not isinstance(process, CategoricalProcess):
-        raise ConfigError(f"exact inference needs a token noise process, not {type(process).__name__}")
+        raise ConfigError(f"exact inference needs a token noise process, not {getattr(process, 'name', type(process).__name__)} noise")
     if process.vocab != grammar.vocab:
         raise ConfigError(f"the noise process has {process.vocab} symbols but the grammar v = {grammar.vocab}")
 
