@@ -21,6 +21,8 @@ from cgtools.errors import ConfigError
 from cgtools.models.transformer import TransformerConfig, TransformerDenoiser
 from cgtools.models.transformer import training_bytes as transformer_training_bytes
 from cgtools.models.unet import UNet, UNetConfig, reference_leaf_standardisation, training_bytes
+from cgtools.models.unet2d import UNet2D, UNet2DConfig
+from cgtools.models.unet2d import training_bytes as unet2d_training_bytes
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,15 @@ class DataSpec:
     """What an architecture is sized from: the data, not the flags.
 
     vocab: symbols a token model predicts (None for continuous data); length: sequence length d
-    (None for images); depth and branching: the grammar's L and s when the data has a grammar.
+    (None for images); depth and branching: the grammar's L and s when the data has a grammar;
+    shape: the shape of one example of continuous data, (C, H, W) for images (None for tokens).
     """
 
     vocab: int | None = None
     length: int | None = None
     depth: int | None = None
     branching: int | None = None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,12 @@ class Architecture:
         return self.config_class.from_json(obj)
 
 
+def _require_tokens(arch: str, data: DataSpec) -> None:
+    """ConfigError when a token architecture is given images (or other continuous data)."""
+    if data.shape is not None:
+        raise ConfigError(f"the {arch} architecture denoises token sequences; image data needs --arch unet2d")
+
+
 # ---- the paper's 1-D U-Net ------------------------------------------------------------------------
 _UNET_DERIVED = {"vocab", "input_vocab", "depth", "branching"}
 
@@ -68,6 +78,7 @@ _UNET_DERIVED = {"vocab", "input_vocab", "depth", "branching"}
 def _unet_configure(data: DataSpec, process: Process, settings: dict[str, Any]) -> UNetConfig:
     """U-Net config for token data of length d = s^L (L, s from the grammar, or from d and the
     `branching` setting, default 2)."""
+    _require_tokens("unet", data)
     if not isinstance(process, CategoricalProcess):
         raise ConfigError(f"the unet architecture denoises tokens; {process.name} noise needs another --arch")
     kw = dict(settings)
@@ -128,6 +139,7 @@ _TRANSFORMER_DERIVED = {"vocab", "input_vocab", "length"}
 
 def _transformer_configure(data: DataSpec, process: Process, settings: dict[str, Any]) -> TransformerConfig:
     """Transformer config for token data of any fixed length d (the data's)."""
+    _require_tokens("transformer", data)
     if not isinstance(process, CategoricalProcess):
         raise ConfigError(f"the transformer architecture denoises tokens; {process.name} noise needs another --arch")
     if data.length is None:
@@ -150,8 +162,38 @@ TRANSFORMER = Architecture(
     mup=False,
 )
 
+# ---- the Improved-DDPM 2-D U-Net (images) ----------------------------------------------------------
+_UNET2D_DERIVED = {"channels", "out_channels", "image_size", "image_width"}
+
+
+def _unet2d_configure(data: DataSpec, process: Process, settings: dict[str, Any]) -> UNet2DConfig:
+    """2-D U-Net config for images of data.shape = (C, H, W); the output has the channels the
+    process asks for (`process.output_channels(C)`, e.g. 2C for a learned variance), else C."""
+    if data.shape is None:
+        raise ConfigError("the unet2d architecture denoises images; token data needs --arch unet or transformer")
+    if isinstance(process, CategoricalProcess):
+        raise ConfigError(f"the unet2d architecture denoises images; {process.name} noise corrupts tokens "
+                          f"(images need a continuous process, e.g. Gaussian diffusion)")
+    if len(data.shape) != 3:
+        raise ConfigError(f"the unet2d architecture needs images of shape (C, H, W), got {tuple(data.shape)}")
+    channels, height, width = (int(v) for v in data.shape)
+    output_channels = getattr(process, "output_channels", None)
+    out = int(output_channels(channels)) if output_channels is not None else channels
+    return UNet2DConfig(channels=channels, out_channels=out, image_size=height, image_width=width, **settings)
+
+
+UNET2D = Architecture(
+    name="unet2d",
+    config_class=UNet2DConfig,
+    settings=frozenset({f.name for f in dataclasses.fields(UNet2DConfig)} - _UNET2D_DERIVED),
+    configure=_unet2d_configure,
+    build=lambda config, process, seed: UNet2D(config, seed=seed),
+    memory_bytes=unet2d_training_bytes,
+    mup=False,
+)
+
 #: name -> Architecture. Add a new network with one line here.
-ARCHITECTURES: dict[str, Architecture] = {UNET.name: UNET, TRANSFORMER.name: TRANSFORMER}
+ARCHITECTURES: dict[str, Architecture] = {UNET.name: UNET, TRANSFORMER.name: TRANSFORMER, UNET2D.name: UNET2D}
 
 
 def architecture(name: str) -> Architecture:
@@ -185,7 +227,10 @@ def check_fits(arch: str, config, batch: int, device: str = "cpu") -> None:
         return
     need, have = entry.memory_bytes(config, batch), available_memory_bytes()
     if have is not None and need > 0.9 * have:
-        length = getattr(config, "length", "?")
-        raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB ({batch} sequences of {length} "
-                          f"tokens, {arch} width {getattr(config, 'width', '?')}) but {have / 2**30:.1f} GiB "
-                          f"are available; lower --batch-size or --width")
+        if hasattr(config, "image_size"):
+            what = f"{batch} images of {config.channels}x{config.image_size}x{config.image_width}"
+        else:
+            what = f"{batch} sequences of {getattr(config, 'length', '?')} tokens"
+        raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB ({what}, {arch} width "
+                          f"{getattr(config, 'width', '?')}) but {have / 2**30:.1f} GiB are available; "
+                          f"lower --batch-size or --width")
