@@ -40,7 +40,7 @@ def sample(
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Generate sequences from a trained model (or the exact BP denoiser) into a sequences table.
+    """Generate sequences (or images) from a trained model (or the exact BP denoiser) into a table.
 
     The model is CKPT (or --denoiser CKPT), or --denoiser bp: exact belief propagation on the
     grammar (--grammar, or the checkpoint's), with the checkpoint's noise process or, without one,
@@ -49,7 +49,8 @@ def sample(
     The output carries the checkpoint's grammar, so `measure-accuracy` needs nothing else, and
     for text the training table's "tokenizer" and "vocab", so `detokenize` can decode it. With
     --from DATA --noise E every sentence of DATA is corrupted to level E and denoised (a
-    forward-backward with the model).
+    forward-backward with the model). A model trained on images writes an image table (PNG;
+    `--from` then takes an image table of the model's size).
 
     Examples:
 
@@ -65,7 +66,8 @@ def sample(
     from cgtools.formats.metadata import provenance
     from cgtools.formats.sequences import SequencesTable
     from cgtools.grammar.source import check_same_grammar, resolve_grammar
-    from cgtools.training.generate import SampleConfig, exact_model, generate, write_samples
+    from cgtools.formats.images import ImagesTable
+    from cgtools.training.generate import SampleConfig, exact_model, generate, write_image_samples, write_samples
     from cgtools.training.presets import preset_choice, process_config
     from cgtools.training.source import carried_meta
     from cgtools.training.trained import load_model
@@ -108,8 +110,13 @@ def sample(
         else:
             proc_cfg = process_config(preset, preset_choice(preset, "process", process), {"T": T, "schedule": schedule})
         model = exact_model(g, proc_cfg, kind=bp_output, device=device)
+    images = bool(getattr(model, "meta", {}).get("images"))
     tokens = None
-    if from_data is not None:
+    if from_data is not None and images:
+        src = open_input(from_data)
+        sources.append(src)
+        tokens = image_examples(ImagesTable(src), model.sample_shape)
+    elif from_data is not None:
         src = open_input(from_data)
         sources.append(src)
         from_table = SequencesTable(src)
@@ -124,5 +131,21 @@ def sample(
     extra = {"sampler": {"denoiser": denoiser if denoiser == "model" else f"bp-{bp_output}",
                          "steps": steps, "noise": noise, "top_p": top_p, "process": model.process.describe(),
                          **stats}}
+    if images:
+        write_image_samples(result, out, force, provenance("sample", seed, sources), **extra)
+        return
     write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources),
                   carried=carried_meta(getattr(model, "meta", {})), **extra)
+
+
+def image_examples(table, shape: tuple[int, ...]):
+    """The images of `table` as the model's examples, float32 [N, C, H, W] in [-1, 1]; InputError
+    unless they have the model's shape (C, H, W)."""
+    from cgtools.formats.images import to_model_range
+
+    pixels = table.read()  # uint8 [N, H, W, C]
+    c, h, w = shape
+    if pixels.shape[1:] != (h, w, c):
+        raise ConfigError(f"{table.display()}: images of shape {pixels.shape[1:]} (H, W, C), but the model makes "
+                          f"{h}x{w} with {c} channels")
+    return to_model_range(pixels)

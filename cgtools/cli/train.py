@@ -16,15 +16,15 @@ Opt = typer.Option
 
 
 def train(
-    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar, if any, is used for checks, sample checks and --online).", metavar="DATA", show_default=False)],
-    val: Annotated[Path, Opt("--val", help="Validation sequences table (disjoint from DATA).", metavar="FILE")],
+    data: Annotated[Path, typer.Argument(help="Training sequences table (its grammar, if any, is used for checks, sample checks and --online), or an image table (cgtools images).", metavar="DATA", show_default=False)],
+    val: Annotated[Path, Opt("--val", help="Validation table of the same kind (disjoint from DATA).", metavar="FILE")],
     out: Annotated[str, Opt("--out", "-o", help="Run directory: model.safetensors, checkpoints/, metrics.parquet.", metavar="RUN_DIR")],
     preset: PresetOpt = "cpu",
     process: ProcessOpt = None,
-    arch: Annotated[Optional[str], Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net) or 'transformer' (bidirectional, MD4-style, for text) [default: the preset's; unet].")] = None,
-    width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (unet; paper: 8192) or model width d_model (transformer).")] = None,
+    arch: Annotated[Optional[str], Opt("--arch", help="Network (cgtools.models.registry): 'unet' (the paper's 1-D U-Net), 'transformer' (bidirectional, MD4-style, for text) or 'unet2d' (images) [default: the preset's; unet].")] = None,
+    width: Annotated[Optional[int], Opt("--width", min=1, help="Channels per layer (unet; paper: 8192), model width d_model (transformer) or base channels (unet2d).")] = None,
     layers: Annotated[Optional[int], Opt("--layers", min=1, help="Transformer blocks [preset text: 4].")] = None,
-    heads: Annotated[Optional[int], Opt("--heads", min=1, help="Transformer attention heads (width/heads must be even) [preset text: 4].")] = None,
+    heads: Annotated[Optional[int], Opt("--heads", min=1, help="Attention heads: transformer (width/heads must be even) [preset text: 4], unet2d [default: 4].")] = None,
     mlp: Annotated[Optional[str], Opt("--mlp", help="Transformer MLP: 'swiglu' (default) or 'gelu'.")] = None,
     steps: Annotated[Optional[int], Opt("--steps", min=1, help="Optimiser steps [preset cpu: 6000; paper, reference-code: 10000].")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", min=1, help="Global batch size.")] = None,
@@ -48,6 +48,14 @@ def train(
     skip: Annotated[Optional[str], Opt("--skip", help="Skip connections: 'add' or 'concat'.")] = None,
     norm: Annotated[Optional[str], Opt("--norm", help="'none' or 'layernorm' in every block.")] = None,
     input_mode: Annotated[Optional[str], Opt("--input-mode", help="'onehot' or 'leaf_message' (standardised BP leaf message).")] = None,
+    learn_sigma: Annotated[Optional[bool], Opt("--learn-sigma/--no-learn-sigma", help="Gaussian: learn the reverse variance (iDDPM's learned range; the network predicts 2C channels) [default: on].")] = None,
+    loss: Annotated[Optional[str], Opt("--loss", help="Gaussian: 'hybrid' (MSE + λ·VB, learned variance), 'simple' (MSE, fixed variance) or 'vlb' (the bound alone) [default: hybrid].", metavar="KIND")] = None,
+    lambda_vlb: Annotated[Optional[float], Opt("--lambda-vlb", help="Gaussian: weight λ of the VB term of the hybrid loss [default: 0.001].")] = None,
+    importance_sampling: Annotated[Optional[bool], Opt("--importance-sampling/--no-importance-sampling", help="Gaussian --loss vlb: draw t with probability ∝ sqrt(E[L_t²]) over the last 10 losses of each t (iDDPM) [default: off].")] = None,
+    channel_mult: Annotated[Optional[str], Opt("--channel-mult", help="unet2d: channels of each resolution level as multiples of --width, e.g. 1,2,2 (the resolution halves between levels).", metavar="M,M,...")] = None,
+    num_res_blocks: Annotated[Optional[int], Opt("--num-res-blocks", min=1, help="unet2d: residual blocks per resolution level [default: 2].")] = None,
+    attention_resolutions: Annotated[Optional[str], Opt("--attention-resolutions", help="unet2d: feature-map heights with self-attention, e.g. 8,4 [default: every level below full resolution].", metavar="R,R,...")] = None,
+    dropout: Annotated[Optional[float], Opt("--dropout", min=0.0, max=0.99, help="unet2d: dropout in the residual blocks [default: 0].")] = None,
     online: Annotated[bool, Opt("--online", help="Fresh sentences from DATA's grammar every step (never one of --val).")] = False,
     eval_every: Annotated[Optional[int], Opt("--eval-every", min=1, help="Steps between validations [default: 500].")] = None,
     early_evals: Annotated[Optional[int], Opt("--early-evals", min=0, help="Also validate at this many log-spaced steps per decade before the first --eval-every (keeps the best model of a small training set memorised early) [default: 0].")] = None,
@@ -62,7 +70,8 @@ def train(
     resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Train a diffusion model on RHM sentences (offline on DATA, or --online) or on tokenised text.
+    """Train a diffusion model on RHM sentences (offline on DATA, or --online), on tokenised text,
+    or on images (an image table: Gaussian diffusion with the 2-D U-Net, --preset image).
 
     The seed (--seed) draws the weights, the data order and the noise; --sampling-steps respaces
     the reverse process of the sample checks (--sample-check) at each validation.
@@ -80,6 +89,8 @@ def train(
 
       cgtools train text_train.parquet --val text_val.parquet -o run --preset text --layers 4
 
+      cgtools train digits_train.parquet --val digits_test.parquet -o run --preset image --width 32
+
       torchrun --nproc-per-node 2 -m cgtools train train.parquet --val val.parquet -o run
     """
     options = dict(locals())  # the flags' values, before anything else is defined here
@@ -87,19 +98,17 @@ def train(
 
     from cgtools.formats.files import open_input
     from cgtools.formats.metadata import provenance
-    from cgtools.formats.sequences import SequencesTable
     from cgtools.models.registry import architecture_names
     from cgtools.training.loop import train as run_training
     from cgtools.training.presets import resolve_run
-    from cgtools.training.source import training_data
+    from cgtools.training.source import load_training_data
 
     if arch is not None and arch not in architecture_names():
         raise typer.BadParameter(f"must be one of {', '.join(architecture_names())}", param_hint="--arch")
     check_device(device)
     use_threads(threads)
     sources = [open_input(data), open_input(val)]
-    table, val_table = (SequencesTable(s) for s in sources)
-    data_set = training_data(table, val_table, online=online, allow_overlap=allow_overlap)
+    data_set = load_training_data(*sources, online=online, allow_overlap=allow_overlap)
     settings = run_settings(options)
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
     run_training(run, out, train_tokens=data_set.train, val_tokens=data_set.val,

@@ -108,17 +108,19 @@ def _batches(total: int, batch_size: int):
         yield start, min(batch_size, total - start)
 
 
-def sample(process: Process, denoiser: Denoiser, num: int, length: int, generator: torch.Generator,
-           *, steps: int | None = None, batch_size: int = 512, final_step: str | None = None,
-           cache: bool | None = None, device: torch.device | str | None = None,
-           description: str = "sampling") -> torch.Tensor:
-    """`num` sequences of `length` tokens from the model: [num, length] on `device`.
+def sample(process: Process, denoiser: Denoiser, num: int, length: int | tuple[int, ...],
+           generator: torch.Generator, *, steps: int | None = None, batch_size: int = 512,
+           final_step: str | None = None, cache: bool | None = None,
+           device: torch.device | str | None = None, description: str = "sampling") -> torch.Tensor:
+    """`num` examples from the model: sequences of `length` tokens [num, length], or, with a
+    shape tuple (e.g. (C, H, W) for images), [num, *shape], on `device`.
 
     Each batch starts from the prior at the top of the grid and runs :func:`denoise`; steps
     respaces the reverse process. Shows one progress bar over batches × steps.
     """
-    if num < 0 or length < 1:
-        raise ConfigError(f"need num >= 0 and length >= 1, got {num} and {length}")
+    shape = (length,) if isinstance(length, int) else tuple(length)
+    if num < 0 or min(shape, default=0) < 1:
+        raise ConfigError(f"need num >= 0 and a positive example shape, got {num} and {shape}")
     process.check_final_step(final_step)
     device = process.device if device is None else torch.device(device)
     start = process.time_grid(steps)[0]
@@ -126,14 +128,14 @@ def sample(process: Process, denoiser: Denoiser, num: int, length: int, generato
     out = None
     with progress(math.ceil(num / batch_size) * n_steps if num else 0, description) as bar:
         for lo, size in _batches(num, batch_size):
-            x = process.prior_sample((size, length), generator, device)
+            x = process.prior_sample((size, *shape), generator, device)
             y = denoise(process, denoiser, x, start, generator, steps=steps, final_step=final_step,
                         cache=cache, bar=bar)
             if out is None:
                 out = y.new_empty((num, *y.shape[1:]))
             out[lo:lo + size] = y
     if out is None:
-        out = process.prior_sample((0, length), generator, device)
+        out = process.prior_sample((0, *shape), generator, device)
     return out
 
 

@@ -59,8 +59,9 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 def save_checkpoint(path: str | Path, model: dict[str, torch.Tensor], meta: dict, *,
                     optimizer: dict | None = None, ema: dict[str, torch.Tensor] | None = None,
-                    force: bool = True) -> None:
-    """Write a checkpoint atomically. `meta` must be JSON-serialisable and name its "arch"."""
+                    process_state: dict[str, torch.Tensor] | None = None, force: bool = True) -> None:
+    """Write a checkpoint atomically. `meta` must be JSON-serialisable and name its "arch".
+    process_state: the noise process's training-time tensors (Process.state_dict), if any."""
     from safetensors.torch import save
 
     if "arch" not in meta:
@@ -68,6 +69,8 @@ def save_checkpoint(path: str | Path, model: dict[str, torch.Tensor], meta: dict
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()})
+    if process_state:
+        tensors.update({f"process.{k}": v.detach().contiguous().cpu() for k, v in process_state.items()})
     meta = dict(meta)
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
@@ -79,7 +82,8 @@ def save_checkpoint(path: str | Path, model: dict[str, torch.Tensor], meta: dict
 
 
 class Checkpoint:
-    """A loaded checkpoint: `meta` (dict), `model` / `ema` state dicts, `optimizer_state()`."""
+    """A loaded checkpoint: `meta` (dict), `model` / `ema` state dicts, `process_state` (the noise
+    process's training-time tensors; {} for most), `optimizer_state()`."""
 
     def __init__(self, source: InputFile) -> None:
         from safetensors.torch import load, load_file
@@ -99,6 +103,7 @@ class Checkpoint:
         verify_checksums(tensors, meta.get("integrity"), source.display())
         self.model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+        self.process_state = {k[8:]: v for k, v in tensors.items() if k.startswith("process.")}
         self._tensors = tensors
 
     def optimizer_state(self) -> dict | None:

@@ -25,7 +25,7 @@ class OfflineData:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seed: int) -> None:
-        self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))  # [P, d]
+        self.tokens = as_examples(tokens)  # [P, d] long, or [P, C, H, W] float32
         self.batch_size, self.seed = batch_size, seed
         self._perms: dict[int, np.ndarray] = {}
 
@@ -41,7 +41,7 @@ class OfflineData:
         return self._perms[epoch]
 
     def batch(self, step: int) -> torch.Tensor:
-        """Global batch of `step`: long [B, d]."""
+        """Global batch of `step`: long [B, d] (tokens) or float32 [B, C, H, W] (images)."""
         pos = step * self.batch_size + np.arange(self.batch_size)
         epochs, within = np.divmod(pos, self.size)
         idx = np.empty(self.batch_size, dtype=np.int64)
@@ -82,6 +82,12 @@ class OnlineData:
             out[todo[ok]] = expand(g, classes[ok], digits[ok])[0]
             todo = todo[~ok]
         return torch.from_numpy(out)
+
+
+def as_examples(data: np.ndarray) -> torch.Tensor:
+    """Training examples as a tensor: token ids as long, continuous data (images) as float32."""
+    a = np.asarray(data)
+    return torch.as_tensor(a.astype(np.float32 if np.issubdtype(a.dtype, np.floating) else np.int64, copy=False))
 
 
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from cgtools.formats.files import atomic_output, check_output
 from cgtools.formats.sequences import SequencesWriter, sequences_meta
 from cgtools.grammar.rhm import Grammar
 from cgtools.seeding import torch_generator
+from cgtools.training.data import as_examples
 
 
 @dataclass
@@ -36,6 +37,10 @@ class ExactModel:
     @property
     def length(self) -> int | None:
         return None if self.grammar is None else self.grammar.length
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.grammar.length,)
 
     def denoiser(self) -> Denoiser:
         from cgtools.inference.denoiser import BPDenoiser
@@ -73,7 +78,8 @@ class SampleConfig:
 
 def generate(model, cfg: SampleConfig, from_tokens: np.ndarray | None = None,
              device: str = "cpu", stats: dict | None = None) -> np.ndarray:
-    """Token array [N, d] (int64) drawn from `model` (a DiffusionModel or an ExactModel).
+    """Token array [N, d] (int64) drawn from `model` (a DiffusionModel or an ExactModel); for an
+    image model float32 [N, C, H, W] in [-1, 1] (from_tokens then holds images of that shape).
 
     stats: if given, receives "forwards" (denoiser evaluations, in rows: one sequence at one
     step) and "row_steps" (what a sampler without cache evaluates), so the cache's saving is
@@ -92,11 +98,11 @@ def generate(model, cfg: SampleConfig, from_tokens: np.ndarray | None = None,
             steps, rows = len(model.process.time_grid(cfg.steps)), cfg.num
         stats["row_steps"] = steps * rows
     if from_tokens is not None:
-        x0 = torch.as_tensor(np.asarray(from_tokens, dtype=np.int64), device=device)
+        x0 = as_examples(from_tokens).to(device)
         out = forward_backward(model.process, denoiser, x0, float(cfg.noise), gen, steps=cfg.steps,
                                batch_size=cfg.batch_size, final_step=cfg.final_step, cache=cfg.cache)
     else:
-        out = sample(model.process, denoiser, cfg.num, model.length, gen, steps=cfg.steps,
+        out = sample(model.process, denoiser, cfg.num, model.sample_shape, gen, steps=cfg.steps,
                      batch_size=cfg.batch_size, final_step=cfg.final_step, cache=cfg.cache, device=device)
     if stats is not None:
         stats["forwards"] = denoiser.rows
@@ -114,3 +120,13 @@ def write_samples(tokens: np.ndarray, grammar: Grammar | None, vocab: int, out: 
         for start in range(0, len(tokens), 65536):
             writer.write(tokens[start:start + 65536])
         writer.close()
+
+
+def write_image_samples(images: np.ndarray, out: str, force: bool, provenance: dict, **extra) -> None:
+    """Write generated images (float [N, C, H, W] in [-1, 1]) as an image table (PNG, uint8 after
+    clipping and rounding; cgtools.formats.images)."""
+    from cgtools.formats.images import from_model_range, write_images
+
+    check_output(out, force)
+    with atomic_output(out, force) as sink:
+        write_images(sink, from_model_range(images), {"provenance": provenance, **extra})

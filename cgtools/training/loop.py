@@ -38,7 +38,7 @@ from cgtools.formats.checkpoint import Checkpoint, save_checkpoint
 from cgtools.formats.files import InputFile
 from cgtools.formats.metrics import read_metrics, write_metrics
 from cgtools.training.config import TrainConfig
-from cgtools.training.data import OfflineData, OnlineData, rank_slice
+from cgtools.training.data import OfflineData, OnlineData, as_examples, rank_slice
 from cgtools.training.presets import RunConfig
 from cgtools.training.trained import DiffusionModel, build_model
 
@@ -142,7 +142,7 @@ class Trainer:
                 raise ConfigError("no training sentences")
             self.data = OfflineData(train_tokens, cfg.batch_size, cfg.seed)
         self.train_tokens = train_tokens
-        self.val = torch.as_tensor(np.asarray(val_tokens, dtype=np.int64), device=device)
+        self.val = as_examples(val_tokens).to(device)
         net = model.network
         self.groups = param_groups(net, cfg.lr, cfg.optimizer, scheme=cfg.lr_scheme)
         for g in self.groups:
@@ -201,6 +201,8 @@ class Trainer:
             self.optimizer.load_state_dict(state)
         if self.ema is not None and ckpt.ema is not None:
             self.ema = {k: v.to(self.device) for k, v in ckpt.ema.items()}
+        if ckpt.process_state:
+            self.model.process.load_state_dict({k: v.to(self.device) for k, v in ckpt.process_state.items()})
         m = ckpt.meta
         self.step, self.best_val, self.best_step = m["step"], m.get("best_val_loss"), m.get("best_step")
         self.bad_evals, self.elapsed = m.get("bad_evals", 0), m.get("seconds", 0.0)
@@ -212,7 +214,7 @@ class Trainer:
         if self.dist.main:
             save_checkpoint(self.run_dir / "last.safetensors", self.model.network.state_dict(),
                             self._meta(loss_window=self.window), optimizer=self.optimizer.state_dict(),
-                            ema=self.ema)
+                            ema=self.ema, process_state=self.model.process.state_dict())
 
     # ---- one step --------------------------------------------------------------------------------
     def _train_step(self) -> float:
@@ -240,6 +242,7 @@ class Trainer:
         if cfg.grad_clip is not None:  # DDP has averaged the gradients already: every rank clips alike
             torch.nn.utils.clip_grad_norm_(self.model.network.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        proc.observe_losses(t, terms)  # e.g. importance sampling of t (a no-op for most processes)
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in self.model.network.state_dict().items():

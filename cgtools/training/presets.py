@@ -23,6 +23,13 @@ section per architecture name) and the training loop. `cgtools train` and `cgtoo
   classes), 500 linear warm-up steps then a cosine decay to 0 over the run, gradient norm clipped
   to 1, weight average 0.999, batch 32, 10000 steps.
 
+* ``image``: Improved DDPM (reference/diffusion.md §3) for small images at CPU scale: Gaussian
+  diffusion (T = 1000, cosine schedule, learned-range variance, hybrid loss λ = 0.001) and the
+  ``unet2d`` architecture (both chosen unless --process / --arch say otherwise) at its own
+  defaults; Adam at 5e-4 on every parameter (iDDPM: 1e-4 at batch 128 for 5·10^5 steps; a
+  higher rate for runs of 10^4 steps), 200 warm-up steps then a cosine decay to 0, gradient norm
+  clipped to 1, weight average 0.999, batch 64, 10000 steps, no sample checks (no grammar).
+
 A preset may name the process and architecture a run uses when --process / --arch are not given
 (``"choose"``); otherwise they are uniform and unet.
 
@@ -79,6 +86,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"optimizer": "adam", "lr": 1e-3, "lr_scheme": "global", "lr_schedule": "cosine",
                   "decay_start": 0.0, "warmup": 500, "grad_clip": 1.0, "ema": 0.999, "batch_size": 32,
                   "steps": 10000},
+    },
+    "image": {
+        "choose": {"process": "gaussian", "arch": "unet2d"},
+        "process": {"gaussian": {}},
+        "model": {"unet2d": {}},
+        "train": {"optimizer": "adam", "lr": 5e-4, "lr_scheme": "global", "lr_schedule": "cosine",
+                  "decay_start": 0.0, "warmup": 200, "grad_clip": 1.0, "ema": 0.999, "batch_size": 64,
+                  "steps": 10000, "sample_check": 0, "val_repeats": 4},
     },
 }
 

@@ -38,16 +38,27 @@ class DiffusionModel:
         """Sequence length the network denoises (None when it has no fixed length)."""
         return getattr(self.network.config, "length", None)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one generated example: (d,) for tokens, (C, H, W) for images (from the
+        training data's "images" metadata that checkpoints carry)."""
+        image = self.meta.get("images")
+        if image:
+            return (int(image["channels"]), int(image["height"]), int(image["width"]))
+        if self.length is None:
+            raise ConfigError("this model has no fixed sequence length to sample")
+        return (self.length,)
+
     def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Network output [B, d, K] for x_t [B, d] at process times t [B]."""
+        """Network output (logits [B, d, K] for tokens x_t [B, d]) at process times t [B]."""
         return self.network(x_t, self.process.network_time(t))
 
     def denoiser(self) -> Denoiser:
-        """log p̂(x0 | x_t) in float32, in inference mode."""
+        """The process's denoiser value (log p̂(x0 | x_t) in float32 for tokens), in inference mode."""
 
         @torch.inference_mode()
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(self.logits(x_t, t).float(), dim=-1)
+            return self.process.denoiser_output(self.logits(x_t, t))
 
         return denoise
 
@@ -56,7 +67,7 @@ def build_model(arch: str, model_cfg, process_cfg, seed: int, device: str = "cpu
                 grammar: Grammar | None = None, meta: dict | None = None) -> DiffusionModel:
     """A freshly initialised model (weights from `seed`) of a registered architecture."""
     net_arch = architecture(arch)
-    process = make_process(process_cfg, model_cfg.vocab, device)
+    process = make_process(process_cfg, getattr(model_cfg, "vocab", None), device)
     network = net_arch.build(model_cfg, process, seed).to(device)
     return DiffusionModel(process, network, grammar, meta or {}, arch)
 
