@@ -34,7 +34,8 @@ def plot(
     (S_k,l vs P, one panel per block; accuracy tables add 1 - A_l dashed; Fig. 6),
     phase-transition (fraction of nodes changed per level vs noise, root class and susceptibility
     across sweeps; forward-backward tables), perplexity (perplexity vs context length, one curve per
-    step; Fig. 8), grid (the first images of one image table, `cgtools images` or `datasets`
+    step; Fig. 8), mmd (MMD² per feature depth vs training step, raw and relative to the first
+    step; tables tagged reference drawn dashed; Fig. 5b), grid (the first images of one image table, `cgtools images` or `datasets`
     Parquet, upscaled without smoothing so 8x8 digits are visible; --rows, --cols, --limit (the
     first N images; default R x C when both are given, else 64), --labels; titled from the table's
     metadata unless --title). A table of another kind is an

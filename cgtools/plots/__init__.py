@@ -14,6 +14,7 @@ the figure (format from the output's suffix: PNG, SVG or PDF).
 | sensitivity | sensitivity | sensitivity (+ accuracy) | Fig. 6: S_{k,l} vs P per block |
 | phase-transition | phase_transition | forward-backward | companion paper: changed per level vs noise |
 | perplexity | perplexity | perplexity | Fig. 8: conditional perplexity vs context length |
+| mmd | mmd | mmd | Fig. 5b: MMD² per feature depth vs training step |
 | grid | grid | an image table (images/1, or `datasets` Parquet) | a look at images or samples |
 """
 
@@ -35,6 +36,7 @@ KINDS = {
     "sensitivity": "sensitivity",
     "phase-transition": "phase_transition",
     "perplexity": "perplexity",
+    "mmd": "mmd",
     "grid": "grid",
 }
 
