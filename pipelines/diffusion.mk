@@ -11,6 +11,8 @@
 #   $(OUT)/tables/acc_P<P>_s<S>.parquet            measure-accuracy, kind accuracy, tags P, m, L, seed
 #   $(OUT)/tables/corr_P<P>_s<S>.parquet           correlate of the samples, tags P, seed
 #   $(OUT)/tables/corr_exact.parquet               correlate --exact (the infinite-data curve)
+#   $(OUT)/tables/novelcorr_P<P>_s<S>.parquet      correlate of the novel samples only (--exclude the
+#                                                  training set), tags P, seed
 #   $(OUT)/tables/sens_P<P>_s<S>.parquet           sensitivity, tags P, seed
 #   $(OUT)/online/                                 cgtools train --online with sample checks (fig1b)
 #
@@ -77,6 +79,7 @@ GRAMMAR := $(OUT)/data/grammar.safetensors
 MODELS := $(foreach n,$(NAMES),$(OUT)/runs/$(n)/model.safetensors)
 ACC := $(foreach n,$(NAMES),$(OUT)/tables/acc_$(n).parquet)
 CORR := $(foreach n,$(NAMES),$(OUT)/tables/corr_$(n).parquet)
+NOVEL_CORR := $(foreach n,$(NAMES),$(OUT)/tables/novelcorr_$(n).parquet)
 SENS := $(foreach n,$(NAMES),$(OUT)/tables/sens_$(n).parquet)
 PERTURBED := $(foreach l,$(shell seq 1 $(L)),$(OUT)/data/perturbed_l$(l).parquet)
 GRAMMAR_TEXT := L=$(L) s=$(S) v=$(V) m=$(M), width $(WIDTH), $(STEPS) steps, $(words $(SEEDS)) seed(s)
@@ -125,6 +128,11 @@ $(OUT)/tables/acc_%.parquet: $(OUT)/samples/%.parquet $(OUT)/data/train_%.parque
 $(OUT)/tables/corr_%.parquet: $(OUT)/samples/%.parquet | $(OUT)/tables
 	$(CGTOOLS) correlate $< -o $@ --force --tag P=$(call P_of,$*) --tag seed=$(call S_of,$*)
 
+# The samples that copy no training sentence: what the model creates (at small P most samples are
+# copies, whose correlations are the training set's own and reach every distance).
+$(OUT)/tables/novelcorr_%.parquet: $(OUT)/samples/%.parquet $(OUT)/data/train_%.parquet | $(OUT)/tables
+	$(CGTOOLS) correlate $< --exclude $(word 2,$^) -o $@ --force --tag P=$(call P_of,$*) --tag seed=$(call S_of,$*)
+
 $(OUT)/tables/corr_exact.parquet: $(GRAMMAR) | $(OUT)/tables
 	$(CGTOOLS) correlate --exact --grammar $< -o $@ --force
 
@@ -150,13 +158,17 @@ $(OUT)/fig1b.png: $(OUT)/online/model.safetensors
 $(OUT)/fig1c.png: $(CORR) $(OUT)/tables/corr_exact.parquet
 	$(CGTOOLS) plot correlation $^ -o $@ --force --title "Fig. 1c: samples of each P ($(GRAMMAR_TEXT))"
 
+$(OUT)/fig1c_novel.png: $(NOVEL_CORR) $(OUT)/tables/corr_exact.parquet
+	$(CGTOOLS) plot correlation $^ -o $@ --force --title "Fig. 1c, novel samples only ($(GRAMMAR_TEXT))"
+
 $(OUT)/fig6.png: $(SENS) $(ACC)
 	$(CGTOOLS) plot sensitivity $^ -o $@ --force --title "Fig. 6: sensitivity to synonym exchange ($(GRAMMAR_TEXT))"
 
 $(OUT)/summary.txt: $(ACC) $(COMMON)diffusion.py
 	$(PYTHON) $(COMMON)diffusion.py summary $(ACC) $(G) --crossing $(CROSSING) -o $@ --json $(OUT)/summary.json
 
-all-figures: $(OUT)/fig1a.png $(OUT)/fig1b.png $(OUT)/fig1c.png $(OUT)/fig6.png $(OUT)/summary.txt
+all-figures: $(OUT)/fig1a.png $(OUT)/fig1b.png $(OUT)/fig1c.png $(OUT)/fig1c_novel.png $(OUT)/fig6.png \
+  $(OUT)/summary.txt
 
 # The whole chain in seconds: a width-16 network, 40 steps, two P values, one seed, into OUT when
 # given on the command line (make tiny OUT=/tmp/x), else into out-tiny.

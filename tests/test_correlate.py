@@ -417,3 +417,22 @@ def test_cli_errors_are_one_line(rhm, tmp_path):
     _one_line_error(run("correlate", rhm, "--tag", "bad"), "KEY=VALUE")
     usage = run("correlate", rhm, "--pooled", "--by-tree-distance")
     assert usage.exit_code == 2
+
+
+def test_cli_exclude_measures_only_the_rows_not_in_the_file(rhm, tmp_path):
+    """--exclude FILE: the result equals correlating the remaining rows alone (n, values, floor)."""
+    x = pq.read_table(rhm).column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, 8)
+    part = tmp_path / "part.parquet"  # 200 of the 500 sentences, the way a training set would be
+    assert run(*GEN, "-n", 200, "--seed", 0, "-o", part).exit_code == 0
+    drop = pq.read_table(part).column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, 8)
+    dropped = {r.tobytes() for r in drop.astype(np.int64)}
+    kept = np.array([r for r in x.astype(np.int64) if r.tobytes() not in dropped])
+    assert 0 < len(kept) < 500
+    res = run("correlate", rhm, "--exclude", part, "--json")
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["n"] == len(kept)
+    assert out["correlation"] == pytest.approx(dense_positional(kept, 8), rel=1e-6)
+    assert out["noise_floor"] == pytest.approx([1 / (8 * math.sqrt(len(kept)))] * 7)
+    res = run("correlate", rhm, "--exclude", part, "--pooled")
+    assert res.exit_code == 2 and "--exclude" in res.stderr

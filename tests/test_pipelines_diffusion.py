@@ -44,7 +44,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_every_figure_is_a_real_png(out):
-    for fig in FIGURES:
+    for fig in FIGURES + ("fig1c_novel",):
         image = imread(out / f"{fig}.png")
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
         assert image[..., :3].std() > 0.01, f"{fig}.png is blank"
@@ -84,6 +84,11 @@ def test_correlation_and_sensitivity_tables(out):
     for p in SIZES:
         corr = rows(out / "tables" / f"corr_P{p}_s0.parquet")
         assert all(r["P"] == p for r in corr) and len(corr) == 7
+        novel = rows(out / "tables" / f"novelcorr_P{p}_s0.parquet")
+        samples = {tuple(r["tokens"]) for r in rows(out / "samples" / f"P{p}_s0.parquet")}
+        train = {tuple(r["tokens"]) for r in rows(out / "data" / f"train_P{p}_s0.parquet")}
+        copies = sum(tuple(r["tokens"]) in train for r in rows(out / "samples" / f"P{p}_s0.parquet"))
+        assert all(r["P"] == p and r["n"] == 64 - copies for r in novel) and len(novel) == 7, (copies, len(samples))
         sens = rows(out / "tables" / f"sens_P{p}_s0.parquet")
         assert {r["level"] for r in sens} == set(LEVELS) and all(r["P"] == p for r in sens)
 

@@ -544,3 +544,23 @@ def exact_correlation(grammar: Grammar, mode: str = "positional", max_distance: 
     nothing = [None] * len(distance)
     return CorrelationResult(mode=EXACT_MODE[mode], vocab=v, n=None, distance=distance, correlation=rows,
                              pairs=nothing, noise_floor=list(nothing), theory=theory, theory_finite_v=finite)
+
+
+def sequence_set(batches: Iterable[Iterable[np.ndarray]], length: int) -> set[bytes]:
+    """The distinct rows of every batch of every stream (int arrays [B, length]) as bytes keys,
+    for :func:`without_rows`."""
+    keys: set[bytes] = set()
+    for stream in batches:
+        for batch in stream:
+            rows = np.ascontiguousarray(batch, dtype=np.int64).reshape(-1, length)
+            keys.update(r.tobytes() for r in rows)
+    return keys
+
+
+def without_rows(batches: Iterable[np.ndarray], keys: set[bytes]) -> Iterator[np.ndarray]:
+    """The batches with every row whose int64 bytes are in `keys` removed (empty batches skipped)."""
+    for batch in batches:
+        rows = np.ascontiguousarray(batch, dtype=np.int64)
+        keep = np.fromiter((r.tobytes() not in keys for r in rows), dtype=bool, count=len(rows))
+        if keep.any():
+            yield batch[keep]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -22,6 +23,7 @@ def correlate(
     vocab: Annotated[Optional[int], typer.Option("--vocab", min=1, help="Vocabulary size v (default: the grammar's v, else the table's metadata 'vocab' (cgtools tokenize writes it), else the largest token id + 1).")] = None,
     max_distance: Annotated[Optional[int], typer.Option("--max-distance", min=1, help="Largest distance t (largest LCA level with --by-tree-distance) [default: all].", metavar="T")] = None,
     column: Annotated[str, typer.Option("--column", help="List column to measure.")] = "tokens",
+    exclude: Annotated[Optional[List[Path]], typer.Option("--exclude", "-x", help="Sequences table whose sequences are left out of the measurement (repeatable): with a model's training set, only its novel samples are measured.", metavar="FILE")] = None,
     batch_size: BatchOpt = 65536,
     json_out: JsonOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write one row per distance to this results table ('-' = stdout).", metavar="FILE")] = None,
@@ -36,7 +38,9 @@ def correlate(
     itself). Default (fixed-length sequences): C(t) = mean over positions i of |C_{i,i+t}| from
     the N sequences. --pooled: one covariance per t from every pair at distance t, N = their
     number. --by-tree-distance (RHM): mean of |C_ij| over the pairs whose lowest common ancestor
-    is at level l = 1..L. Every row has the noise floor 1/(v sqrt N); with a grammar, positional and
+    is at level l = 1..L. --exclude FILE leaves out the sequences that occur in FILE (e.g. a
+    model's training set: the correlations of its novel samples only). Every row has the noise
+    floor 1/(v sqrt N) (N: the sequences measured); with a grammar, positional and
     tree rows also carry `theory`, the App. A magnitude (1 - m/v^(s-1))^(1/2) (v^3 m^(2l-1))^(-1/2)
     of a pair with LCA level l, averaged over the row's pairs (the power law of Cagnetta & Wyart
     2024). Counts only distinct pairs, so a 50,257-token vocabulary needs no v x v matrix.
@@ -66,6 +70,9 @@ def correlate(
         raise typer.BadParameter("the exact law uses the grammar's vocabulary", param_hint="--vocab")
     if out == "-" and json_out:
         raise typer.BadParameter("cannot write both the table and JSON to stdout", param_hint="--out")
+    if exclude and (exact or pooled):
+        raise typer.BadParameter("--exclude drops whole sequences of a fixed length: not with --exact or --pooled",
+                                 param_hint="--exclude")
     tags = parse_tags(tag)
     if out is not None:
         from cgtools.formats.files import check_output
@@ -85,7 +92,9 @@ def correlate(
         table = SequencesTable(open_input(seqs if seqs is not None else "-"))
         sources.insert(0, table.source)
         g = resolve_grammar(gsource, table, required=mode == "tree")
-        result = _measure(corr, table, g, mode, vocab, max_distance, column, batch_size)
+        excluded = [SequencesTable(open_input(p)) for p in exclude or []]
+        sources += [t.source for t in excluded]
+        result = _measure(corr, table, g, mode, vocab, max_distance, column, batch_size, excluded)
     if out is not None:
         prov = provenance("correlate", None, sources)
         results = results_table(corr.results_columns(result), kind=RESULTS_KIND, tags=tags, provenance=prov,
@@ -105,8 +114,9 @@ def correlate(
     emit_table(rows, header)
 
 
-def _measure(corr, table, g, mode, vocab, max_distance, column, batch_size):
-    """Resolve v and the sequence length (one cheap scan when the file does not tell), then count."""
+def _measure(corr, table, g, mode, vocab, max_distance, column, batch_size, excluded=()):
+    """Resolve v and the sequence length (one cheap scan when the file does not tell), then count
+    (without the rows of `excluded` tables, when given)."""
     from cgtools.errors import InputError
     from cgtools.formats.sequences import TOKENS
 
@@ -128,6 +138,14 @@ def _measure(corr, table, g, mode, vocab, max_distance, column, batch_size):
 
     def open_batches():
         return table.iter_column(column, batch_size=batch_size, length=fixed)
+
+    if excluded:
+        left_out = corr.sequence_set((t.iter_column(column, batch_size=batch_size, length=length) for t in excluded),
+                                     length)
+        unfiltered = open_batches
+
+        def open_batches():  # noqa: F811 (the filtered stream replaces the plain one)
+            return corr.without_rows(unfiltered(), left_out)
 
     # The App. A prediction describes the visible tokens of the grammar, not another column.
     theory_grammar = g if column == TOKENS and g is not None and length == g.length else None
