@@ -19,3 +19,17 @@ class SchemaError(InputError):
 
 class OutputError(CgtoolsError):
     """An output cannot be written (exists without --force, binary data to a terminal, ...)."""
+
+
+class MissingDependencyError(ConfigError):
+    """An optional package (of the `text` or `images` extra) is not installed."""
+
+
+def require_modules(what: str, modules: list[str] | tuple[str, ...], extra: str) -> None:
+    """MissingDependencyError naming the extra ("pip install 'cgtools[EXTRA]'") unless every module
+    can be imported; checked with importlib.util.find_spec, without importing them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"{what} needs {', '.join(missing)}: pip install 'cgtools[{extra}]'")

