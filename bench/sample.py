@@ -26,6 +26,7 @@ import time
 import torch
 
 from cgtools.diffusion import MaskedConfig, UniformConfig, make_process, sample
+from timing import matmul_rate  # bench/timing.py (the script's own folder is on sys.path)
 
 
 class Counted:
@@ -108,18 +109,6 @@ def run_case(name, process, net, args, steps, cache):
         best_floor = min(best_floor, floor_seconds(net, process, args.branching**args.depth, den.sizes))
     return dict(name=name, seconds=best, per_s=args.num / best, nfe=sum(den.sizes) / args.num,
                 calls=len(den.sizes), floor=best_floor)
-
-
-def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
-    """FLOP/s of a float32 [n, n] x [n, n] GEMM on the current threads, best of `repeat`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def main() -> None:

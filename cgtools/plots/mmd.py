@@ -3,12 +3,13 @@
 Reads 'mmd' tables (cgtools mmd -o). x: the tag --x (default `step`, the training step of the
 checkpoint that made the images), log scale. One curve per depth (the `layer` column, ordered by
 `depth`: shallow light, deep dark), replicates at one x averaged with standard-error bars (a
-single table's bootstrap error when there is one replicate). Two panels: MMD² itself (log y; values
-at or below 0 are not drawn on it) and MMD² divided by its value at the first x of that depth, so
-that depths of different scales can be compared: the paper's observation is that shallow depths
-reach their floor first. Tables tagged `reference` (any value; e.g. real training images against
-the held-out ones) are drawn as dashed horizontal lines in each depth's colour: the floor a
-perfect generator of that sample size would reach.
+single table's bootstrap error when there is one replicate). Two panels, both log-log (values at
+or below 0 are not drawn): MMD² itself, and MMD² divided by its value at the first x of that
+depth, so that depths of different scales can be compared: the paper's observation is that
+shallow depths reach their floor first. Tables tagged `reference` (any value; e.g. real training
+images against the held-out ones) give each depth's resolution, drawn as a dashed horizontal
+line in its colour on the first panel: the larger of their MMD² and its bootstrap error (below
+it, generated and real images cannot be told apart with these sample sizes).
 """
 
 from __future__ import annotations
@@ -47,24 +48,29 @@ def figure(tables, options: PlotOptions):
         positive = mean > 0
         errorbar(raw, xs[positive], mean[positive], se[positive], color=colors[key], label=name, ms=3.5)
         if mean[0] > 0:
-            errorbar(relative, xs, mean / mean[0], se / mean[0], color=colors[key], label=name, ms=3.5)
+            errorbar(relative, xs[positive], mean[positive] / mean[0], se[positive] / mean[0], color=colors[key],
+                     label=name, ms=3.5)
+    drawn = False
     for value, ref in split(reference, REFERENCE_TAG).items():
         for key in depths:
-            values = [r["mmd2"] for r in ref if (r["depth"], r["layer"]) == key and r.get("mmd2") is not None]
-            if values and np.mean(values) > 0:
-                raw.axhline(float(np.mean(values)), color=colors[key], ls="--", lw=1.0)
+            rows_k = [r for r in ref if (r["depth"], r["layer"]) == key and r.get("mmd2") is not None]
+            if rows_k:
+                level = max(float(np.mean([r["mmd2"] for r in rows_k])),
+                            float(np.mean([r.get("mmd2_err") or 0.0 for r in rows_k])))
+                if level > 0:
+                    raw.axhline(level, color=colors[key], ls="--", lw=1.0)
+                    drawn = True
     for ax in (raw, relative):
         ax.set_xscale("log")
         plain_log_ticks(ax, "x", sorted({float(r[x]) for r in measured}))
         ax.set_xlabel(label(x))
         ax.grid(alpha=0.3, which="both")
     raw.set_yscale("log")
+    relative.set_yscale("log")
     raw.set_ylabel(r"MMD$^2$ (Gaussian kernel, median bandwidth)")
     relative.set_ylabel(r"MMD$^2$ / MMD$^2$ at the first step")
-    relative.axhline(0.0, color="grey", lw=0.8)
+    if drawn:
+        raw.plot([], [], color="grey", ls="--", lw=1.0, label="real vs real: resolution (dashed)")
     raw.legend(fontsize=7, loc="best")
-    if reference:
-        raw.plot([], [], color="grey", ls="--", lw=1.0, label="reference (dashed, per depth)")
-        raw.legend(fontsize=7, loc="best")
     title(fig, options.title or "MMD between generated and real images vs training")
     return fig
