@@ -242,14 +242,16 @@ def member_from_files(data: str | Path, val: str | Path, run_dir: str | Path, *,
     them (the same checks: grammar, vocabulary, overlap), with "cgtools sweep" provenance."""
     from cgtools.formats.files import open_input
     from cgtools.formats.metadata import provenance
-    from cgtools.formats.sequences import SequencesTable
     from cgtools.training.presets import resolve_run
-    from cgtools.training.source import training_data
+    from cgtools.training.source import load_training_data
 
     sources = [open_input(data), open_input(val)]
-    table, val_table = (SequencesTable(s) for s in sources)
-    data_set = training_data(table, val_table, online=bool(settings.get("online")), allow_overlap=allow_overlap)
+    data_set = load_training_data(*sources, online=bool(settings.get("online")), allow_overlap=allow_overlap)
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
+    if getattr(run.process, "importance_sampling", False):
+        # the stacked steps compute the loss themselves and never call Process.observe_losses
+        raise ConfigError(f"{label or run_dir}: --importance-sampling learns from each run's losses step by step, "
+                          f"which cgtools sweep does not record; train this run with cgtools train")
     return SweepMember(run, Path(run_dir), data_set.train, data_set.val, data_set.grammar,
                        provenance("sweep", run.train.seed, sources), label, data_set.meta)
 
