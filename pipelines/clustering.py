@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 
 def grid(args: argparse.Namespace) -> int:
@@ -63,7 +62,7 @@ def _fmt(x, spec: str = ".4g") -> str:
 
 
 def summary(args: argparse.Namespace) -> int:
-    from cgtools.formats.files import open_input
+    from cgtools.formats.files import open_input, write_text
     from cgtools.formats.results import read_results
 
     settings = ("source", "context", "oracle", "method")
@@ -103,7 +102,7 @@ def summary(args: argparse.Namespace) -> int:
            "grammar": {k: grammar.get(k) for k in ("depth", "branching", "vocab", "n_classes")} if grammar else None,
            "synonyms": sorted({row["m"] for row in table}), "seeds": args.seeds,
            "fits": fits, "p_star": table}
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_text(args.json, json.dumps(out, indent=2) + "\n")
 
     shown = [k for k in settings if any(k in f for f in fits)]  # the settings that name a series
     head = " ".join(f"{k:>9}" for k in shown)
@@ -127,7 +126,7 @@ def summary(args: argparse.Namespace) -> int:
         lines.append(f"{r['level']:>5} {cells(r)} {r['m']:>3}  {_fmt(r['p_star'], '.0f'):>8}  {bracket:>17}  "
                      f"{r['status']:>8}  {_fmt(r['theory_p_star'], '.0f'):>10}  {_fmt(r['ratio_to_theory'], '.2f'):>6}")
     text = "\n".join(lines) + "\n"
-    Path(args.text).write_text(text)
+    write_text(args.text, text)
     sys.stdout.write(text)
     return 0
 

@@ -16,7 +16,6 @@ import json
 import math
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -107,11 +106,11 @@ def main() -> int:
     p.add_argument("--json")
     args = parser.parse_args()
     s = summarise(args.acc, args.L, args.s, args.v, args.m, args.threshold, args.crossing)
+    from cgtools.formats.files import write_text
+
     for path, body in ((args.out, text(s)), (args.json, json.dumps(s, indent=2) + "\n")):
         if path:
-            tmp = Path(f"{path}.tmp")
-            tmp.write_text(body)
-            tmp.replace(path)
+            write_text(path, body)
     sys.stdout.write(text(s))
     return 0
 

@@ -210,6 +210,27 @@ class Process(ABC):
         raise ConfigError(f"the mean-field theory is not available for {self.name} noise")
 
 
+class DiscreteLevels:
+    """The time of a process with levels t = 0..T (T an attribute; 0 = clean data): training times
+    are long levels, a network sees t/T, and a grid point is a level. Mixed in before the
+    Process base (uniform D3PM, Gaussian DDPM)."""
+
+    T: int
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """t/T as float32 [B] in (0, 1]; round(τ·T) recovers t exactly for any T < 2^23."""
+        return t.to(torch.float32) / self.T
+
+    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
+        """E at t = round(τ·T), float64 [B]."""
+        t = torch.round(torch.as_tensor(tau, dtype=torch.float64) * self.T).long()
+        return self.corruption(t.clamp(0, self.T))  # type: ignore[attr-defined]
+
+    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
+        """Level `value` for every row: long [B]."""
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+
+
 class CategoricalProcess(Process):
     """A process on token ids: the denoiser predicts `vocab` symbols; x_t may hold `input_vocab`
     ids (a mask id for absorbing noise)."""

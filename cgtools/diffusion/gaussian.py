@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from cgtools.diffusion.base import (Denoiser, LossTerms, Process, ProcessConfig, inverse_cdf_weights,
+from cgtools.diffusion.base import (Denoiser, DiscreteLevels, LossTerms, Process, ProcessConfig, inverse_cdf_weights,
                                     noise_vector, randint, uniforms)
 from cgtools.errors import ConfigError
 
@@ -159,7 +159,7 @@ def _per_dim(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
-class GaussianDiffusion(Process):
+class GaussianDiffusion(DiscreteLevels, Process):
     """Improved DDPM on float data in [-1, 1]. Tables float64 on `device`; `vocab` is ignored."""
 
     name = "gaussian"
@@ -216,19 +216,6 @@ class GaussianDiffusion(Process):
         if not 0.0 <= e <= 1.0:
             raise ConfigError(f"the corruption level must lie in [0, 1], got {e}")
         return int(torch.argmin((self.one_minus_alpha_bar - e).abs()))
-
-    def network_time(self, t: torch.Tensor) -> torch.Tensor:
-        """t/T as float32 [B] in (0, 1] (a network embeds 1000·τ: iDDPM's rescaled timesteps)."""
-        return t.to(torch.float32) / self.T
-
-    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
-        """1 - ᾱ_t at t = round(τ·T), float64 [B]."""
-        t = torch.round(torch.as_tensor(tau, dtype=torch.float64) * self.T).long()
-        return self.corruption(t.clamp(0, self.T))
-
-    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
-        """Level `value` for every row: long [B]."""
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
 
     def time_grid(self, steps: int | None = None) -> list[int]:
         """Descending levels visited by the sampler, from T; the step after the last goes to 0.

@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from cgtools.diffusion.base import (CategoricalProcess, Denoiser, LossTerms, ProcessConfig,
+from cgtools.diffusion.base import (CategoricalProcess, Denoiser, DiscreteLevels, LossTerms, ProcessConfig,
                                     inverse_cdf_weights, log_probs_of, noise_vector, randint,
                                     uniforms)
 from cgtools.diffusion.schedules import DISCRETE_SCHEDULES, log1mexp, log_alpha_bar_table
@@ -64,7 +64,7 @@ class UniformConfig(ProcessConfig):
             raise ConfigError(f"lambda_ce must be >= 0, got {self.lambda_ce}")
 
 
-class UniformDiffusion(CategoricalProcess):
+class UniformDiffusion(DiscreteLevels, CategoricalProcess):
     """Uniform D3PM over K symbols. Tables are float64 on `device`; results follow the input dtype."""
 
     name = "uniform"
@@ -104,19 +104,6 @@ class UniformDiffusion(CategoricalProcess):
             raise ConfigError(f"the corruption level must lie in [0, 1], got {e}")
         levels = -torch.expm1(self.log_alpha_bar)
         return int(torch.argmin((levels - e).abs()))
-
-    def network_time(self, t: torch.Tensor) -> torch.Tensor:
-        """t/T as float32 [B] in (0, 1]; round(τ·T) recovers t exactly for any T < 2^23."""
-        return t.to(torch.float32) / self.T
-
-    def corruption_at_network_time(self, tau: torch.Tensor) -> torch.Tensor:
-        """1 - ᾱ_t at t = round(τ·T), float64 [B]."""
-        t = torch.round(torch.as_tensor(tau, dtype=torch.float64) * self.T).long()
-        return self.corruption(t.clamp(0, self.T))
-
-    def full_time(self, value, batch: int, device: torch.device | str) -> torch.Tensor:
-        """Level `value` for every row: long [B]."""
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
 
     def time_grid(self, steps: int | None = None) -> list[int]:
         """Descending levels [T, ..., t_1] visited by the sampler; the step after t_1 goes to 0.

@@ -124,6 +124,12 @@ def atomic_output(name: str | os.PathLike, force: bool) -> Iterator[BinaryIO]:
         raise
 
 
+def write_text(name: str | os.PathLike, text: str, force: bool = True) -> None:
+    """Write `text` (UTF-8) to `name` atomically, as :func:`atomic_output` does ("-" = stdout)."""
+    with atomic_output(name, force) as f:
+        f.write(text.encode())
+
+
 def _temp_prefix(target: Path) -> str:
     """Hidden temporary name beside the target that says which process writes it."""
     return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"

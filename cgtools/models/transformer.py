@@ -24,9 +24,8 @@ under torch.func.vmap (cgtools sweep).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgtools.errors import ConfigError
+from cgtools.models.config_json import config_fields_from_json, config_to_json
 from cgtools.models.time_embedding import sinusoid
 
 CONFIG_SCHEMA = "transformer/1"
@@ -104,26 +104,12 @@ class TransformerConfig:
 
     # ---- JSON (stored in safetensors checkpoint metadata) --------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"schema": CONFIG_SCHEMA, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return config_to_json(self, CONFIG_SCHEMA)
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict) -> "TransformerConfig":
         """Inverse of :meth:`to_json`; ConfigError on unknown schema, missing or unknown keys."""
-        try:
-            data = dict(raw) if isinstance(raw, dict) else json.loads(raw)
-        except ValueError:
-            raise ConfigError("transformer config is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ConfigError("transformer config JSON must be an object")
-        schema = data.pop("schema", CONFIG_SCHEMA)
-        if schema != CONFIG_SCHEMA:
-            raise ConfigError(f"transformer config schema {schema!r} is not {CONFIG_SCHEMA!r}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown transformer config keys: {', '.join(unknown)}")
-        if "vocab" not in data:
-            raise ConfigError("transformer config has no 'vocab'")
-        return cls(**data)
+        return cls(**config_fields_from_json(cls, raw, CONFIG_SCHEMA, "transformer", ("vocab",)))
 
 
 def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> nn.Parameter:

@@ -31,9 +31,8 @@ discrete process (uniform noise), the continuous time for masked diffusion. The 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgtools.errors import ConfigError
+from cgtools.models.config_json import config_fields_from_json, config_to_json
 from cgtools.models.mup import ParamInfo, check_param_info
 from cgtools.models.time_embedding import sinusoid
 
@@ -123,28 +123,12 @@ class UNetConfig:
 
     # ---- JSON (stored in safetensors checkpoint metadata) --------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"schema": CONFIG_SCHEMA, **asdict(self)}, sort_keys=True,
-                          separators=(",", ":"))
+        return config_to_json(self, CONFIG_SCHEMA)
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict) -> UNetConfig:
         """Inverse of :meth:`to_json`; ConfigError on unknown schema, missing or unknown keys."""
-        try:
-            data = dict(raw) if isinstance(raw, dict) else json.loads(raw)
-        except ValueError:
-            raise ConfigError("U-Net config is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ConfigError("U-Net config JSON must be an object")
-        schema = data.pop("schema", CONFIG_SCHEMA)
-        if schema != CONFIG_SCHEMA:
-            raise ConfigError(f"U-Net config schema {schema!r} is not {CONFIG_SCHEMA!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown U-Net config keys: {', '.join(unknown)}")
-        if "vocab" not in data:
-            raise ConfigError("U-Net config has no 'vocab'")
-        return cls(**data)
+        return cls(**config_fields_from_json(cls, raw, CONFIG_SCHEMA, "U-Net", ("vocab",)))
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

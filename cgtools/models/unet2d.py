@@ -37,15 +37,15 @@ under torch.func.vmap (cgtools sweep).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgtools.errors import ConfigError
+from cgtools.models.config_json import config_fields_from_json, config_to_json
 from cgtools.models.time_embedding import sinusoid
 
 CONFIG_SCHEMA = "unet2d/1"
@@ -129,28 +129,13 @@ class UNet2DConfig:
 
     # ---- JSON (stored in safetensors checkpoint metadata) --------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"schema": CONFIG_SCHEMA, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return config_to_json(self, CONFIG_SCHEMA)
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict) -> "UNet2DConfig":
         """Inverse of :meth:`to_json` (lists become tuples again); ConfigError on an unknown
         schema, missing or unknown keys."""
-        try:
-            data = dict(raw) if isinstance(raw, dict) else json.loads(raw)
-        except ValueError:
-            raise ConfigError("unet2d config is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ConfigError("unet2d config JSON must be an object")
-        schema = data.pop("schema", CONFIG_SCHEMA)
-        if schema != CONFIG_SCHEMA:
-            raise ConfigError(f"unet2d config schema {schema!r} is not {CONFIG_SCHEMA!r}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown unet2d config keys: {', '.join(unknown)}")
-        missing = [name for name in ("channels", "image_size") if name not in data]
-        if missing:
-            raise ConfigError(f"unet2d config has no {', '.join(repr(m) for m in missing)}")
-        return cls(**data)
+        return cls(**config_fields_from_json(cls, raw, CONFIG_SCHEMA, "unet2d", ("channels", "image_size")))
 
 
 def _is_int(value) -> bool:

@@ -97,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"== samples at step {step} ==" if step.isdigit() else f"== {step} (validation chunks) ==",
                       stages[step]["text"].rstrip(), ""]
     text = "\n".join(lines) + "\n"
-    tmp = Path(args.out + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
-    json_path = Path(args.out).with_suffix(".json")
-    json_path.with_suffix(".json.tmp").write_text(json.dumps(out, indent=2) + "\n")
-    json_path.with_suffix(".json.tmp").replace(json_path)
+    from cgtools.formats.files import write_text
+
+    write_text(args.out, text)
+    write_text(str(Path(args.out).with_suffix(".json")), json.dumps(out, indent=2) + "\n")
     sys.stdout.write(text)
     return 0
 
