@@ -111,3 +111,25 @@ def exact_tuple_correlation(grammar, level):
     joint = token_parent[:, parent] / m  # [mu, nu]: the parent picks nu w.p. 1/m
     corr = joint - np.outer(joint.sum(1), joint.sum(0))
     return corr, codes[order]
+
+
+def assert_stacked_matches_single_runs(members) -> None:
+    """`cgtools sweep`'s vmapped stack of `members` (SweepMember) makes the same two steps as one
+    Trainer per member: the same losses (rel 1e-5, then 1e-4) and the same weights afterwards."""
+    import pytest
+    import torch
+
+    from cgtools.training.sweep import StackedRun, _trainer
+
+    singles = [_trainer(m, "cpu", False) for m in members]
+    expected = [s._train_step() for s in singles]
+    stacked = StackedRun([_trainer(m, "cpu", False) for m in members])
+    losses, finite = stacked._step()
+    assert all(finite) and expected[0] != expected[1]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    for tr in stacked.trainers:
+        tr.step += 1
+    assert stacked._step()[0] == pytest.approx([s._train_step() for s in singles], rel=1e-4)
+    for pos, single in enumerate(singles):  # and the weights after two steps
+        for name, p in single.model.network.named_parameters():
+            assert torch.allclose(stacked.params[name][pos], p, rtol=1e-4, atol=1e-6), name

@@ -22,6 +22,7 @@ from cgtools.training.generate import SampleConfig, generate
 from cgtools.training.loop import train
 from cgtools.training.presets import resolve_run
 from cgtools.training.trained import load_model
+from tests.helpers import assert_stacked_matches_single_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -158,7 +159,7 @@ def test_stacked_image_runs_match_single_runs(tmp_path):
     """`cgtools sweep` trains image DDPMs as one vmapped stack: the same losses and weights as one
     `train` each (two steps, two seeds and data sets); importance sampling is refused there."""
     from cgtools.errors import ConfigError
-    from cgtools.training.sweep import StackedRun, SweepMember, _trainer, member_from_files
+    from cgtools.training.sweep import SweepMember, member_from_files
 
     members = []
     for seed in (0, 1):
@@ -168,18 +169,7 @@ def test_stacked_image_runs_match_single_runs(tmp_path):
         members.append(SweepMember(run, tmp_path / f"m{seed}", to_model_range(_blobs(16, seed)),
                                    to_model_range(_blobs(8, 10 + seed)), None,
                                    data_meta={"images": {"channels": 1, "height": 8, "width": 8}}))
-    singles = [_trainer(m, "cpu", False) for m in members]
-    expected = [s._train_step() for s in singles]
-    stacked = StackedRun([_trainer(m, "cpu", False) for m in members])
-    losses, finite = stacked._step()
-    assert all(finite) and expected[0] != expected[1]
-    assert losses == pytest.approx(expected, rel=1e-5)
-    for tr in stacked.trainers:
-        tr.step += 1
-    assert stacked._step()[0] == pytest.approx([s._train_step() for s in singles], rel=1e-4)
-    for pos, single in enumerate(singles):
-        for name, p in single.model.network.named_parameters():
-            assert torch.allclose(stacked.params[name][pos], p, rtol=1e-4, atol=1e-6), name
+    assert_stacked_matches_single_runs(members)
     data = _table(tmp_path / "a.parquet", _blobs(8, 0))
     val = _table(tmp_path / "b.parquet", _blobs(4, 100))
     settings = dict(width=8, channel_mult=(1, 2), num_res_blocks=1, heads=1, loss="vlb", importance_sampling=True)

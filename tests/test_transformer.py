@@ -27,8 +27,8 @@ from cgtools.models.transformer import TransformerConfig, TransformerDenoiser
 from cgtools.seeding import torch_generator
 from cgtools.training.config import TrainConfig
 from cgtools.training.presets import resolve_run
-from cgtools.training.sweep import StackedRun, SweepMember, _trainer
-from tests.helpers import TEST_FAILURE_RATE
+from cgtools.training.sweep import SweepMember, _trainer
+from tests.helpers import TEST_FAILURE_RATE, assert_stacked_matches_single_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -296,16 +296,4 @@ def test_grad_clip_bounds_the_update_norm(tmp_path):
     {"time_conditioning": True, "ema": 0.9},  # adaLN on, weight average
 ])
 def test_stacked_transformer_runs_match_single_runs(tmp_path, settings):
-    members = [_member(tmp_path, s, **settings) for s in (0, 1)]
-    singles = [_trainer(m, "cpu", False) for m in members]
-    expected = [s._train_step() for s in singles]
-    stacked = StackedRun([_trainer(m, "cpu", False) for m in members])
-    losses, finite = stacked._step()
-    assert all(finite) and expected[0] != expected[1]
-    assert losses == pytest.approx(expected, rel=1e-5)
-    for tr in stacked.trainers:
-        tr.step += 1
-    assert stacked._step()[0] == pytest.approx([s._train_step() for s in singles], rel=1e-4)
-    for pos, single in enumerate(singles):  # and the weights after two steps
-        for name, p in single.model.network.named_parameters():
-            assert torch.allclose(stacked.params[name][pos], p, rtol=1e-4, atol=1e-6), name
+    assert_stacked_matches_single_runs([_member(tmp_path, s, **settings) for s in (0, 1)])
