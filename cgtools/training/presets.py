@@ -177,6 +177,8 @@ def resolve_run(preset_name: str, *, process: str | None, arch: str | None, data
     model_cfg = net.configure(data, proc, model_kw)
     train_cfg = TrainConfig.from_dict(train_kw)
     if not net.mup and train_cfg.lr_scheme != "global":
+        made_for = next((name for name, p in PRESETS.items() if p.get("choose", {}).get("arch") == arch), None)
+        hint = f" (the {made_for} preset does: --preset {made_for})" if made_for else ""
         raise ConfigError(f"the {arch} architecture has no μP learning rates; train it with --lr-scheme global "
-                          f"and a raw --lr (the text preset does: --preset text)")
+                          f"and a raw --lr{hint}")
     return RunConfig(arch, model_cfg, proc_cfg, train_cfg)
