@@ -315,8 +315,9 @@ class Trainer:
                "seconds": self.elapsed, **self.evaluate()}
         self.window = []
         self.rows.append(row)
-        log.info("%sstep %d  train %.4f  val %.4f  elbo %.3f bits/token%s", self.label, self.step,
+        log.info("%sstep %d  train %.4f  val %.4f  elbo %.3f bits/%s%s", self.label, self.step,
                  row["train_loss"], row["val_loss"], row["val_elbo_bits"],
+                 "dim" if self.meta.get("images") else "token",
                  "" if "sample_accuracy" not in row else
                  f"  grammatical {row['sample_accuracy'][-1]:.3f}")
         if self.best_val is None or row["val_loss"] < self.best_val:
