@@ -175,3 +175,17 @@ def test_stacked_image_runs_match_single_runs(tmp_path):
     settings = dict(width=8, channel_mult=(1, 2), num_res_blocks=1, heads=1, loss="vlb", importance_sampling=True)
     with pytest.raises(ConfigError, match="importance-sampling"):
         member_from_files(data, val, tmp_path / "r", preset="image", process=None, arch=None, settings=settings)
+
+
+def test_forward_backward_refuses_images_of_another_size(tmp_path):
+    train_t = _table(tmp_path / "train.parquet", _blobs(16, 0))
+    val_t = _table(tmp_path / "val.parquet", _blobs(8, 1))
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(train_t), "--val", str(val_t), "-o", str(run), "--preset", "image",
+                              *TINY, "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--T", "20"])
+    assert res.exit_code == 0, res.stderr
+    big = _table(tmp_path / "big.parquet", np.zeros((4, 16, 16, 1), dtype=np.uint8))
+    res = runner.invoke(app, ["sample", str(run / "model.safetensors"), "--from", str(big), "--noise", "0.5",
+                              "-o", str(tmp_path / "fb.parquet")])
+    assert res.exit_code == 1 and "8x8 with 1 channels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "fb.parquet").exists()

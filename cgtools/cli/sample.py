@@ -69,7 +69,7 @@ def sample(
     from cgtools.formats.images import ImagesTable
     from cgtools.training.generate import SampleConfig, exact_model, generate, write_image_samples, write_samples
     from cgtools.training.presets import preset_choice, process_config
-    from cgtools.training.source import carried_meta
+    from cgtools.training.source import carried_meta, image_examples
     from cgtools.training.trained import load_model
 
     noise = single_noise(noise)
@@ -115,7 +115,7 @@ def sample(
     if from_data is not None and images:
         src = open_input(from_data)
         sources.append(src)
-        tokens = image_examples(ImagesTable(src), model.sample_shape)
+        tokens = image_examples(ImagesTable(src), model.sample_shape)  # float32 [N, C, H, W]
     elif from_data is not None:
         src = open_input(from_data)
         sources.append(src)
@@ -137,15 +137,3 @@ def sample(
     write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources),
                   carried=carried_meta(getattr(model, "meta", {})), **extra)
 
-
-def image_examples(table, shape: tuple[int, ...]):
-    """The images of `table` as the model's examples, float32 [N, C, H, W] in [-1, 1]; InputError
-    unless they have the model's shape (C, H, W)."""
-    from cgtools.formats.images import to_model_range
-
-    pixels = table.read()  # uint8 [N, H, W, C]
-    c, h, w = shape
-    if pixels.shape[1:] != (h, w, c):
-        raise ConfigError(f"{table.display()}: images of shape {pixels.shape[1:]} (H, W, C), but the model makes "
-                          f"{h}x{w} with {c} channels")
-    return to_model_range(pixels)

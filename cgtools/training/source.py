@@ -154,3 +154,16 @@ def image_training_data(table, val_table, *, allow_overlap: bool = False) -> Tra
     spec = DataSpec(shape=(int(c), int(h), int(w)))
     meta = {"images": {"channels": int(c), "height": int(h), "width": int(w)}}
     return TrainingData(to_model_range(train), to_model_range(val), None, spec, meta)
+
+
+def image_examples(table, shape: tuple[int, ...]):
+    """The images of `table` as the model's examples, float32 [N, C, H, W] in [-1, 1]; InputError
+    unless they have the model's shape (C, H, W)."""
+    from cgtools.formats.images import to_model_range
+
+    pixels = table.read()  # uint8 [N, H, W, C]
+    c, h, w = shape
+    if pixels.shape[1:] != (h, w, c):
+        raise InputError(f"{table.display()}: images of shape {pixels.shape[1:]} (H, W, C), but the model makes "
+                         f"{h}x{w} with {c} channels")
+    return to_model_range(pixels)
