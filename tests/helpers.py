@@ -133,3 +133,15 @@ def assert_stacked_matches_single_runs(members) -> None:
     for pos, single in enumerate(singles):  # and the weights after two steps
         for name, p in single.model.network.named_parameters():
             assert torch.allclose(stacked.params[name][pos], p, rtol=1e-4, atol=1e-6), name
+
+
+def assert_one_line_error(res, *needles, command: str | None = None, code: int = 1) -> None:
+    """A CLI result (typer CliRunner) that failed as the contract says: exit `code`, one line on
+    stderr, no traceback, "cgtools COMMAND: error: ..." holding every needle."""
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    prefix = f"cgtools {command}: error: " if command else "cgtools "
+    assert lines[0].startswith(prefix) and ": error: " in lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]

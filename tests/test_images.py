@@ -18,6 +18,7 @@ from cgtools.errors import InputError
 from cgtools.formats.files import open_input
 from cgtools.formats.images import ImagesTable, decode_png, encode_png, write_images
 from cgtools.images.sources import PHOTOS, photos_dir, split_indices
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -32,12 +33,7 @@ def ok(res):
 
 
 def one_line_error(res, *needles):
-    assert res.exit_code == 1, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert lines[0].startswith("cgtools images: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(res, *needles, command="images")
 
 
 def table(path):

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cgtools.cli.main import app
 from cgtools.formats.files import open_input
 from cgtools.formats.results import read_results
+from tests.helpers import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,12 +108,7 @@ def test_plain_table_on_stdout(tables):
 
 
 def one_line_error(res, *needles):
-    assert res.exit_code == 1, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert lines[0].startswith("cgtools mmd: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(res, *needles, command="mmd")
 
 
 def test_errors_are_one_line(tables, tmp_path):

@@ -16,6 +16,7 @@ from cgtools.cli.main import app
 from cgtools.formats.metrics import write_metrics
 from cgtools.formats.results import results_table, write_results
 from cgtools.grammar.rhm import draw_grammar
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,11 +207,7 @@ def test_svg_and_pdf_by_suffix(tmp_path):
 
 
 def one_line_error(res, *needles):
-    assert res.exit_code == 1, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(res, *needles, command="plot")
 
 
 def test_bad_suffix_wrong_kind_and_unknown_kind(tmp_path):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from cgtools.cli.main import app
 from cgtools.formats.images import write_images
 from cgtools.plots.grid import CELL, LABEL_HEIGHT, TITLE_HEIGHT, grid_shape, upscale
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -19,11 +20,7 @@ def run(*args):
 
 
 def one_line_error(res, *needles):
-    assert res.exit_code == 1, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(res, *needles, command="plot")
 
 
 @pytest.fixture(scope="module")

@@ -189,3 +189,20 @@ def test_forward_backward_refuses_images_of_another_size(tmp_path):
                               "-o", str(tmp_path / "fb.parquet")])
     assert res.exit_code == 1 and "8x8 with 1 channels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "fb.parquet").exists()
+
+
+def test_importance_sampling_is_refused_under_ddp(tmp_path):
+    """Each DDP rank sees the losses of its own slice only; the refusal comes before any process
+    group or file is touched."""
+    from cgtools.errors import ConfigError
+    from cgtools.training.loop import Distributed, Trainer
+    from cgtools.training.trained import build_model
+
+    run = _run_config(loss="vlb", importance_sampling=True, steps=2)
+    model = build_model(run.arch, run.model, run.process, seed=0)
+    kw = dict(train_tokens=to_model_range(_blobs(8, 0)), val_tokens=to_model_range(_blobs(4, 1)), grammar=None,
+              meta={})
+    with pytest.raises(ConfigError, match="importance-sampling"):
+        Trainer(model, run.train, tmp_path / "run", dist=Distributed(0, 2), **kw)
+    assert not (tmp_path / "run").exists()
+    Trainer(model, run.train, tmp_path / "run", dist=Distributed(0, 1), **kw)  # one process: fine

@@ -112,13 +112,12 @@ def sample(
         model = exact_model(g, proc_cfg, kind=bp_output, device=device)
     images = bool(getattr(model, "meta", {}).get("images"))
     tokens = None
-    if from_data is not None and images:
+    if from_data is not None:
         src = open_input(from_data)
         sources.append(src)
+    if from_data is not None and images:
         tokens = image_examples(ImagesTable(src), model.sample_shape)  # float32 [N, C, H, W]
     elif from_data is not None:
-        src = open_input(from_data)
-        sources.append(src)
         from_table = SequencesTable(src)
         if g is not None and gsource is None:
             check_same_grammar(g, from_table, "was drawn from a different grammar than the model's; "
@@ -136,4 +135,3 @@ def sample(
         return
     write_samples(result, g, model.process.vocab, out, force, provenance("sample", seed, sources),
                   carried=carried_meta(getattr(model, "meta", {})), **extra)
-

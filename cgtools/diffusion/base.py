@@ -50,6 +50,12 @@ class ProcessConfig:
 
     process: str = ""
 
+    @property
+    def adapts_to_losses(self) -> bool:
+        """Whether the process's `sample_t` learns from each step's losses (Process.observe_losses):
+        such a run needs every loss of every step in one process (no DDP, no stacked sweep)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return {"process": self.process, **dataclasses.asdict(self)}  # type: ignore[call-overload]
 

@@ -76,6 +76,11 @@ class GaussianConfig(ProcessConfig):
     importance_sampling: bool = False
     clip_denoised: bool = True
 
+    @property
+    def adapts_to_losses(self) -> bool:
+        """Importance sampling draws t from the recorded losses."""
+        return bool(self.importance_sampling)
+
     def __post_init__(self) -> None:
         if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 2:
             raise ConfigError(f"T must be an integer >= 2, got {self.T!r}")

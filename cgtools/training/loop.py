@@ -133,6 +133,10 @@ class Trainer:
         self.label = f"{label}: " if label else ""  # prefix of log lines (sweeps name their runs)
         if cfg.batch_size % dist.world:
             raise ConfigError(f"batch size {cfg.batch_size} does not divide among {dist.world} processes")
+        if dist.world > 1 and model.process.config.adapts_to_losses:
+            # each rank sees the losses of its own slice only: their time samplers would drift apart
+            raise ConfigError("--importance-sampling learns from every loss of a step, which one DDP process "
+                              "does not see; train such a run in a single process")
         if cfg.online:
             if grammar is None:
                 raise ConfigError("--online needs a grammar to draw fresh sentences from")

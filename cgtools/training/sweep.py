@@ -248,7 +248,7 @@ def member_from_files(data: str | Path, val: str | Path, run_dir: str | Path, *,
     sources = [open_input(data), open_input(val)]
     data_set = load_training_data(*sources, online=bool(settings.get("online")), allow_overlap=allow_overlap)
     run = resolve_run(preset, process=process, arch=arch, data=data_set.spec, settings=settings)
-    if getattr(run.process, "importance_sampling", False):
+    if run.process.adapts_to_losses:
         # the stacked steps compute the loss themselves and never call Process.observe_losses
         raise ConfigError(f"{label or run_dir}: --importance-sampling learns from each run's losses step by step, "
                           f"which cgtools sweep does not record; train this run with cgtools train")
