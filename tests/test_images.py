@@ -353,3 +353,15 @@ def test_stdout_output_pipes_into_a_table(tmp_path):
     path.write_bytes(res.stdout_bytes)
     t = table(path)
     assert t.num_rows == 4 and json.loads(json.dumps(t.meta))["source"]["kind"] == "digits"
+
+
+def test_a_hub_dataset_fails_offline_without_touching_the_network(tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    out = tmp_path / "hub.parquet"
+    one_line_error(cli("--hub", "someone/no-such-dataset", "-o", out), "hub dataset")
+    assert not out.exists()

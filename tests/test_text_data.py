@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 
 import numpy as np
@@ -233,7 +234,11 @@ def test_chars_alphabet_is_reused_from_a_table(tmp_path, corpus_files):
     assert not (tmp_path / "3.parquet").exists()
 
 
-def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, corpus_files):
+def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, corpus_files, monkeypatch):
+    def refuse(*args, **kwargs):  # the --hub case must fail offline, never reach a hub
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     out = tmp_path / "out.parquet"
     common = ["--tokenizer", "bytes", "--split", "all", "--length", 4, "-o", out]
     assert_one_line_error(run("tokenize", tmp_path / "missing.txt", *common), "no such file")
